@@ -154,3 +154,29 @@ def offset_scale_tf(images, method: str, percentiles: Sequence[float] = (1.0, 99
     else:
         raise ValueError(f"unknown normalisation {method!r}; expected one of {', '.join(METHODS)}")
     return off, tf.maximum(sc, EPS)
+
+
+def offset_scale_of_image(img: np.ndarray, method: str, percentiles: Sequence[float] = (1.0, 99.8),
+                          dataset: Optional[Mapping] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) per plane of a whole (H, W, C) image, computed like ``offset_scale_tf``.
+
+    Only the statistics the method needs are computed, without a float copy for mean/std, so memory
+    stays proportional to the image itself.
+    """
+    if img.ndim == 2:
+        img = img[..., None]
+    if method == "dataset":
+        return offset_scale({}, method, percentiles, dataset)
+    if method == "zscore":
+        off = img.mean(axis=(0, 1), dtype=np.float64)
+        sc = img.std(axis=(0, 1), dtype=np.float64)
+    elif method == "minmax":
+        off = img.min(axis=(0, 1)).astype(np.float64)
+        sc = img.max(axis=(0, 1)).astype(np.float64) - off
+    elif method == "percentile":
+        flat = img.reshape(-1, img.shape[-1])
+        lo, hi = np.percentile(flat, list(percentiles), axis=0)
+        off, sc = lo, hi - lo
+    else:
+        raise ValueError(f"unknown normalisation {method!r}; expected one of {', '.join(METHODS)}")
+    return off.astype(np.float32), np.maximum(sc, EPS).astype(np.float32)
