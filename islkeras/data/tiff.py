@@ -1,0 +1,227 @@
+"""Read the channels of one field from TIFF files, as the config's ``ChannelSpec`` describes them.
+
+A field is a folder (``data.root/<field>/``) holding one TIFF per channel; ``ChannelSpec.file`` is a file
+name or glob inside that folder, or a pattern containing ``{field}`` resolved against ``data.root``
+(e.g. ``"images/{field}.tif"`` for flat layouts). Every channel comes back as an ``(H, W, planes)`` array
+in the file's own dtype (``uint8``, ``uint16``, ``float32``...):
+
+* 2-D files give one plane; 3-D (or higher) files give one plane per index of their non-YX axes, taken from
+  tifffile's series axes (``ZYX``, ``CYX``, ``YXS`` (RGB), ``TZCYX``...: Y and X are found by name, the
+  other axes are flattened in file order into the plane axis, singleton axes are dropped);
+* ``planes`` picks z indices (``"all"`` = every plane), ``projection`` collapses the picked planes into
+  one (``max`` keeps the dtype, ``mean`` gives ``float32``).
+
+Every problem a user can fix raises ``islkeras.errors.DataError`` naming the field and the file.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from islkeras.errors import DataError
+
+#: dtypes stored as they are; others are converted (see ``_storage_dtype``)
+STORED_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
+
+
+@dataclass
+class ChannelHeader:
+    """What a TIFF header says about a channel, before reading any pixel."""
+
+    path: Path
+    shape: tuple  #: (H, W, n_planes_in_file)
+    dtype: str  #: the file's dtype
+    axes: str
+
+
+def field_names(root: str | Path, pattern: str = "*", channels: Optional[Mapping] = None) -> list[str]:
+    """Sorted names of the field folders under ``root`` matching the glob ``pattern``.
+
+    When no folder matches and every channel file is a ``{field}`` pattern, the field names are taken from
+    the files matching the first channel's pattern (flat layouts such as ``images/{field}.tif``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist or is not a folder")
+    names = sorted(p.name for p in root.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+    if not names and channels:
+        specs = list(channels.values())
+        if specs and all("{field}" in s.file for s in specs):
+            pat = specs[0].file
+            before, after = pat.split("{field}", 1)
+            found = glob.glob(str(root / pat.replace("{field}", "*")))
+            for f in found:
+                rel = os.path.relpath(f, root)
+                name = rel[len(before):len(rel) - len(after) if after else None]
+                if fnmatch.fnmatch(name, pattern):
+                    names.append(name)
+            names = sorted(set(names))
+    if not names:
+        raise DataError(f"no field folders matching {pattern!r} in {root} (data.fields); is data.root right?")
+    return names
+
+
+def channel_path(root: str | Path, field: str, channel: str, spec) -> Path:
+    """The one file holding ``channel`` of ``field`` (glob in the field folder, or a ``{field}`` pattern)."""
+    root = Path(root)
+    if "{field}" in spec.file:
+        pattern = str(root / spec.file.replace("{field}", glob.escape(field)))
+    else:
+        pattern = str(root / glob.escape(field) / spec.file)
+    matches = sorted(glob.glob(pattern))
+    matches = [m for m in matches if os.path.isfile(m)]
+    if not matches:
+        raise DataError(f"field {field}: channel {channel!r}: no file matching {pattern} (data.channels.{channel}.file)")
+    if len(matches) > 1:
+        names = ", ".join(os.path.basename(m) for m in matches[:5])
+        raise DataError(
+            f"field {field}: channel {channel!r}: {len(matches)} files match {pattern} ({names}); "
+            f"make data.channels.{channel}.file match exactly one"
+        )
+    return Path(matches[0])
+
+
+def _plane_layout(axes: str, shape: Sequence[int], where: str) -> tuple[int, int, int]:
+    axes = axes.upper()
+    if "Y" not in axes or "X" not in axes:
+        if len(shape) >= 2:  # unnamed axes: the last two are the image
+            return int(shape[-2]), int(shape[-1]), int(np.prod(shape[:-2], dtype=np.int64))
+        raise DataError(f"{where}: not an image (shape {tuple(shape)}, axes {axes})")
+    h, w = int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+    n = int(np.prod(shape, dtype=np.int64)) // max(h * w, 1)
+    return h, w, n
+
+
+def read_header(path: Path, field: str, channel: str) -> ChannelHeader:
+    """Open a TIFF and read its shape/axes/dtype (fast: no pixel data)."""
+    import tifffile
+
+    where = f"field {field}: channel {channel!r}: {path}"
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise DataError(f"{where}: the TIFF holds no image")
+            s = tif.series[0]
+            shape, axes, dtype = tuple(s.shape), s.axes, np.dtype(s.dtype)
+    except DataError:
+        raise
+    except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, OSError...
+        raise DataError(f"{where}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
+    h, w, n = _plane_layout(axes, shape, where)
+    return ChannelHeader(path=Path(path), shape=(h, w, n), dtype=str(dtype), axes=axes)
+
+
+def selected_planes(spec, n_planes: int, where: str) -> list[int]:
+    if spec.planes == "all":
+        return list(range(n_planes))
+    bad = [p for p in spec.planes if p >= n_planes]
+    if bad:
+        raise DataError(
+            f"{where}: z index {bad[0]} is beyond the stack, which has {n_planes} plane(s) "
+            f"(valid 0..{n_planes - 1}; data.channels.*.planes)"
+        )
+    return list(spec.planes)
+
+
+def output_planes(spec, n_planes: int) -> int:
+    """Number of planes stored for a channel with ``n_planes`` in its file."""
+    if spec.projection != "none":
+        return 1
+    return n_planes if spec.planes == "all" else len(spec.planes)
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.name in STORED_DTYPES:
+        return dtype
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype == np.int8:
+        return np.dtype(np.int16)
+    return np.dtype(np.float32)  # float16/float64/uint32/(u)int64
+
+
+def stored_dtype(spec, file_dtype: str) -> str:
+    """The dtype a channel is stored in (its own, except ``mean`` projections and unsupported dtypes)."""
+    if spec.projection == "mean":
+        return "float32"
+    return _storage_dtype(np.dtype(file_dtype)).name
+
+
+def _to_hwp(arr: np.ndarray, axes: str) -> np.ndarray:
+    axes = axes.upper()
+    if "Y" in axes and "X" in axes:
+        order = [i for i, a in enumerate(axes) if a not in "YX"] + [axes.index("Y"), axes.index("X")]
+        arr = np.transpose(arr, order)
+    h, w = arr.shape[-2:]
+    return np.moveaxis(arr.reshape(-1, h, w), 0, -1)  # (H, W, planes)
+
+
+def read_channel(path: Path, spec, field: str, channel: str) -> np.ndarray:
+    """Pixels of one channel as (H, W, planes) in its stored dtype; DataError on any problem."""
+    import tifffile
+
+    where = f"field {field}: channel {channel!r}: {path}"
+    try:
+        with tifffile.TiffFile(path) as tif:
+            s = tif.series[0]
+            axes = s.axes
+            arr = s.asarray()
+    except Exception as e:
+        raise DataError(f"{where}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
+    arr = _to_hwp(np.asarray(arr), axes)
+    planes = selected_planes(spec, arr.shape[-1], where)
+    if spec.planes != "all":
+        arr = arr[..., planes]
+    if spec.projection == "max":
+        arr = arr.max(axis=-1, keepdims=True)
+    elif spec.projection == "mean":
+        arr = arr.astype(np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
+    target = _storage_dtype(arr.dtype)
+    if arr.dtype != target:
+        arr = arr.astype(target)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            y, x, p = (int(v[0]) for v in np.nonzero(bad))
+            raise DataError(
+                f"{where}: {int(bad.sum())} NaN/infinite pixel value(s) in float data (first at y={y}, x={x}, "
+                f"plane {p}); fix or replace them before converting"
+            )
+    return np.ascontiguousarray(arr)
+
+
+def check_field(root: str | Path, field: str, channels: Mapping) -> dict[str, ChannelHeader]:
+    """Validate a field from the TIFF headers only: files exist and are readable, z indices are in range,
+    all channels have the same height and width. Returns the headers by channel name."""
+    headers = {}
+    for name, spec in channels.items():
+        path = channel_path(root, field, name, spec)
+        hdr = read_header(path, field, name)
+        selected_planes(spec, hdr.shape[2], f"field {field}: channel {name!r}: {path}")
+        headers[name] = hdr
+    _check_shapes(field, {n: h.shape[:2] for n, h in headers.items()}, {n: h.path for n, h in headers.items()})
+    return headers
+
+
+def _check_shapes(field: str, shapes: Mapping[str, tuple], paths: Mapping[str, Path]) -> None:
+    if len(set(shapes.values())) > 1:
+        desc = ", ".join(f"{n} {h}x{w} ({Path(paths[n]).name})" for n, (h, w) in shapes.items())
+        raise DataError(f"field {field}: channels have different shapes (height x width): {desc}")
+
+
+def read_field(root: str | Path, field: str, channels: Mapping) -> dict[str, np.ndarray]:
+    """All channels of one field: {channel: (H, W, planes) array}; checks they share H and W."""
+    out, paths = {}, {}
+    for name, spec in channels.items():
+        path = channel_path(root, field, name, spec)
+        out[name] = read_channel(path, spec, field, name)
+        paths[name] = path
+    _check_shapes(field, {n: a.shape[:2] for n, a in out.items()}, paths)
+    return out
