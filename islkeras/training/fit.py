@@ -1,0 +1,290 @@
+"""``islkeras fit CONFIG``: records -> tf.data -> model -> callbacks -> ``model.fit`` -> run folder.
+
+Training modes (``loss.kind``):
+
+* ``l1`` / ``l2``: the generator compiled with the pixel loss -- standard Keras ``fit``.
+* ``pix2pix``: ``islkeras.training.pix2pix.Pix2Pix`` (PatchGAN discriminator, two optimizers).
+* ``perceptual``: ``islkeras.training.perceptual.PerceptualModel`` (frozen VGG19 features).
+
+Validation PCC (per image, then mean/std: ``val_pcc``, ``val_pcc_std``) is computed every epoch; the
+best generator (``training.early_stopping.monitor``) is exported to ``<run>/savedmodel`` with a
+``serving_default`` signature that takes raw images. ``--resume`` continues an interrupted run from its
+last finished epoch. TensorFlow is imported inside the functions so ``islkeras --help`` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from islkeras.errors import ConfigError, DataError, UserError
+
+LATEST = "__latest__"
+
+
+# ----------------------------------------------------------------------------------------- strategy
+def get_strategy(training_cfg):
+    """The ``tf.distribute`` strategy of ``training.strategy``.
+
+    ``default``: ``tf.distribute.get_strategy()`` (one device); ``mirrored``: ``MirroredStrategy`` over
+    ``training.devices`` (default: all local GPUs); ``multiworker``: ``MultiWorkerMirroredStrategy``
+    (cluster from ``TF_CONFIG``); ``auto``: multi-worker when ``TF_CONFIG`` is set, mirrored with more than
+    one GPU, else default.
+    """
+    import tensorflow as tf
+
+    kind = training_cfg.strategy
+    if kind == "auto":
+        if os.environ.get("TF_CONFIG"):
+            kind = "multiworker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            kind = "mirrored"
+        else:
+            kind = "default"
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=training_cfg.devices)
+    if kind == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"training.strategy {kind!r}: expected default, mirrored, multiworker or auto")
+
+
+# ------------------------------------------------------------------------------------------- models
+def _adam(tf, lr: float, beta_1: float = 0.9):
+    return tf.keras.optimizers.Adam(learning_rate=lr, beta_1=beta_1)
+
+
+def build_training_model(cfg, n_inputs: int, n_outputs: int):
+    """``(model, generator)`` compiled for ``cfg.loss.kind``. Call inside ``strategy.scope()``.
+
+    Building every network here (VGG19 and ImageNet encoders included) makes bad weights settings fail
+    before any data is read for training.
+    """
+    import tensorflow as tf
+
+    from islkeras.metrics import pcc_metrics
+    from islkeras.models.unet import build_generator
+
+    t, lc = cfg.training, cfg.loss
+    generator = build_generator(cfg.model, n_inputs, n_outputs, activation="linear")
+    kind = lc.kind
+    if kind in ("l1", "l2"):
+        from islkeras.losses import pixel_loss
+
+        model = generator
+        model.compile(optimizer=_adam(tf, t.learning_rate), loss=pixel_loss(kind), metrics=pcc_metrics(),
+                      jit_compile=t.jit_compile)
+    elif kind == "pix2pix":
+        from islkeras.models.patchgan import build_patchgan
+        from islkeras.training.pix2pix import Pix2Pix
+
+        disc = build_patchgan(n_inputs, n_outputs, filters=lc.patchgan_filters)
+        model = Pix2Pix(generator, disc, l1_lambda=lc.l1_lambda, global_batch_size=t.batch_size, name="pix2pix")
+        model.compile(g_optimizer=_adam(tf, t.learning_rate, 0.5),
+                      d_optimizer=_adam(tf, lc.discriminator_lr or t.learning_rate, 0.5), jit_compile=t.jit_compile)
+    elif kind == "perceptual":
+        from islkeras.losses import PerceptualLoss
+        from islkeras.models.vgg import VGGFeatures
+        from islkeras.training.perceptual import PerceptualModel
+
+        feats = VGGFeatures(lc.vgg_layers, lc.vgg_weights, cfg.pipeline.normalization)
+        ploss = PerceptualLoss(feats, content=lc.content_weight, pixel=lc.pixel_weight, tv=lc.tv_weight,
+                               style=lc.style_weight, pixel_kind=lc.pixel_loss)
+        model = PerceptualModel(generator, ploss, global_batch_size=t.batch_size, name="perceptual")
+        model.compile(optimizer=_adam(tf, t.learning_rate), jit_compile=t.jit_compile)
+    else:
+        raise ConfigError(f"loss.kind {kind!r}: expected l1, l2, pix2pix or perceptual")
+    # build now (BackupAndRestore needs built variables and optimizer slots to restore into)
+    s = 2 * 32
+    model(tf.zeros([1, s, s, n_inputs]), training=False)
+    if hasattr(model, "build_optimizers"):
+        model.build_optimizers()
+        if kind == "pix2pix":
+            model.discriminator([tf.zeros([1, s, s, n_inputs]), tf.zeros([1, s, s, n_outputs])], training=False)
+    else:
+        model.optimizer.build(model.trainable_variables)
+    return model, generator
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def export_meta(cfg, manifest) -> dict:
+    """Metadata stored with the SavedModel: normalisation from the records plus run identity."""
+    from islkeras.data.pipeline import normalization_meta
+
+    nm = normalization_meta(cfg, manifest)
+    norm = nm.get("normalization")
+    if not isinstance(norm, dict):
+        norm = {"method": nm["method"], "percentiles": nm.get("percentiles", list(cfg.pipeline.percentiles)),
+                "input_dataset": nm.get("input_dataset")}
+    meta = {k: v for k, v in nm.items() if k not in ("method", "percentiles", "input_dataset")}
+    meta.update({
+        "kind": "isl", "normalization": norm, "architecture": cfg.model.architecture,
+        "backbone": cfg.model.backbone if cfg.model.architecture == "unet_sm" else None,
+        "config_hash": cfg.hash(), "loss": cfg.loss.kind, "name": cfg.name,
+    })
+    meta.setdefault("inputs", list(cfg.data.inputs))
+    meta.setdefault("targets", list(cfg.data.targets))
+    return meta
+
+
+def _channels(manifest, names, what):
+    chans = manifest["channels"]
+    for c in names:
+        if c not in chans:
+            raise DataError(f"{what} channel {c!r} is not in the records (channels: {', '.join(chans)}); "
+                            f"add it to data.channels and re-run `islkeras convert`")
+    return int(sum(int(chans[c]["planes"]) for c in names))
+
+
+def _check_data(cfg) -> None:
+    root = Path(cfg.data.root)
+    manifest = Path(cfg.data.records) / "manifest.json"
+    if not root.is_dir() and not manifest.is_file():
+        raise DataError(f"data.root: no such folder {root} (from {cfg.source}); point data.root at the folder "
+                        f"holding your field folders, or pass --data-root")
+
+
+@contextlib.contextmanager
+def _precision(policy: Optional[str]):
+    import tensorflow as tf
+
+    if not policy:
+        yield
+        return
+    old = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(old)
+
+
+def resolve_run_dir(cfg, run_dir=None, resume=None) -> tuple[Path, bool]:
+    """(run folder, resuming?) from ``--run-dir`` / ``--resume [RUN_DIR]``."""
+    from islkeras.training import run as R
+
+    if resume == LATEST:
+        d = Path(run_dir) if run_dir else R.latest_run_dir(cfg)
+    elif resume:
+        d = Path(resume)
+        if not (d / R.CONFIG_FILE).is_file():
+            raise UserError(f"--resume {resume}: not a run folder (no {R.CONFIG_FILE})")
+    elif run_dir:
+        d = Path(run_dir)
+    else:
+        return R.new_run_dir(cfg), False
+    return d, (d / R.CONFIG_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- fit
+def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
+    """Train ``cfg`` into a run folder; returns the summary (also written to ``summary.json``).
+
+    ``run_dir``: the folder to use (continued if it holds a run); ``resume``: a run folder to continue,
+    or ``LATEST`` for the newest run of ``cfg.name``. ``verbose``: Keras progress (default: a progress
+    bar on a terminal, one line per epoch otherwise, nothing with ``ISLKERAS_NO_PROGRESS=1``).
+    """
+    start = time.time()
+    from islkeras.training import run as R
+
+    _check_data(cfg)
+    run_dir, resuming = resolve_run_dir(cfg, run_dir, resume)
+    if resuming and (run_dir / R.SUMMARY_FILE).is_file():
+        summary = R.read_summary(run_dir)
+        click.echo(f"{run_dir} has already finished: {R.summary_line(summary)}", err=True)
+        return summary
+
+    import tensorflow as tf
+
+    from islkeras.data.pipeline import make_dataset
+    from islkeras.data.records import ensure_records
+    from islkeras.export.savedmodel import export_savedmodel
+    from islkeras.training.callbacks import EpochTensorBoard, HistoryCSV, TrainingControl
+    from islkeras.utils import atomic_write_json
+
+    t = cfg.training
+    chief = R.is_chief()
+    manifest = ensure_records(cfg)
+    n_in = _channels(manifest, cfg.data.inputs, "input")
+    n_out = _channels(manifest, cfg.data.targets, "target")
+    has_val = manifest.get("counts", {}).get("val", 0) > 0 or any(
+        f.get("split") == "val" for f in manifest.get("fields", {}).values())
+    meta = export_meta(cfg, manifest)  # fails now (not after training) if the records lack something
+
+    tf.keras.utils.set_random_seed(t.seed)
+    strategy = get_strategy(t)
+    with _precision(t.mixed_precision):
+        with strategy.scope():
+            model, generator = build_training_model(cfg, n_in, n_out)
+        train_ds = make_dataset(cfg, "train", training=True, manifest=manifest)
+        val_ds = make_dataset(cfg, "val", training=False, manifest=manifest) if has_val else None
+
+        if chief:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            R.save_run_config(cfg, run_dir)
+        es = t.early_stopping
+        monitor = es.monitor if es else "val_pcc"
+        if val_ds is None and monitor.startswith("val_"):
+            monitor = monitor[4:]
+        ckpt = run_dir / "ckpt"
+        control = TrainingControl(
+            generator, ckpt / "state.json", ckpt / "best_weights.h5", epochs=t.epochs,
+            steps_per_epoch=t.steps_per_epoch, monitor=monitor, mode=es.mode if es else "auto",
+            patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
+            lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
+            max_minutes=t.max_minutes, start_time=start, chief=chief)
+        callbacks = [
+            control,
+            HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
+            EpochTensorBoard(run_dir / "tb", chief=chief),
+            tf.keras.callbacks.BackupAndRestore(str(ckpt / "backup")),
+        ]
+        if verbose is None:
+            verbose = 0 if os.environ.get("ISLKERAS_NO_PROGRESS") == "1" else (1 if sys.stdout.isatty() else 2)
+        click.echo(f"islkeras fit: {cfg.name} ({cfg.loss.kind}, {cfg.model.architecture}"
+                   f"{'/' + cfg.model.backbone if cfg.model.architecture == 'unet_sm' else ''}) -> {run_dir}"
+                   f"{' (resuming)' if resuming else ''}", err=True)
+        model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
+                  validation_steps=t.validation_steps if val_ds is not None else None,
+                  callbacks=callbacks, verbose=verbose)
+
+    summary = dict(control.summary, name=cfg.name, loss=cfg.loss.kind, run_dir=str(run_dir),
+                   config_hash=cfg.hash())
+    if chief:
+        out = export_savedmodel(generator, run_dir / "savedmodel", meta)
+        summary["savedmodel"] = str(out)
+        with contextlib.suppress(FileNotFoundError):
+            (ckpt / "best_weights.h5").unlink()
+        atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+        click.echo(R.summary_line(summary))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@click.command("fit", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--resume", "resume", is_flag=False, flag_value=LATEST, default=None, metavar="[RUN_DIR]",
+              help="Continue an interrupted run from its last finished epoch: RUN_DIR, or without a value "
+                   "the newest run of this config's name. Put it after CONFIG.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Write the run here instead of <runs_dir>/<name>/<timestamp>; an existing run there is continued.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path, JSON value), e.g. --set training.epochs=5. Repeatable.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Replace data.root of the config.")
+def fit_command(config, resume, run_dir, sets, data_root):
+    """Train the model of an experiment CONFIG (JSON); writes runs/<name>/<timestamp>/.
+
+    The run folder holds the resolved config, history.csv, TensorBoard logs (tb/), checkpoints (ckpt/),
+    the best generator as a SavedModel (savedmodel/) and summary.json. Interrupted runs continue with
+    --resume (or by re-running with the same --run-dir).
+    """
+    from islkeras.config import load_config, parse_set_option
+
+    cfg = load_config(config, overrides=parse_set_option(sets), data_root=data_root)
+    fit(cfg, run_dir=run_dir, resume=resume)

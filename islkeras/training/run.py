@@ -1,0 +1,104 @@
+"""The run folder: ``<training.runs_dir>/<name>/<YYYYmmdd-HHMMSS>/`` (see docs/ARCHITECTURE.md).
+
+Layout: ``config.json`` (the resolved config), ``history.csv``, ``tb/`` (TensorBoard), ``ckpt/``
+(``backup/`` for BackupAndRestore, ``state.json``, ``best_weights.h5``), ``savedmodel/``,
+``summary.json``. Only the chief writes (``is_chief``); other workers of a multi-worker run write to
+temporary folders (BackupAndRestore does so itself).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+from islkeras.errors import UserError
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+HISTORY_FILE = "history.csv"
+
+
+def is_chief() -> bool:
+    """True unless ``TF_CONFIG`` names this process as a non-chief worker (multi-worker training)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return True
+    try:
+        tf_config = json.loads(raw)
+    except ValueError:
+        return True
+    task = tf_config.get("task", {}) or {}
+    ttype, index = task.get("type"), int(task.get("index", 0) or 0)
+    if ttype in (None, "chief"):
+        return True
+    if ttype == "worker":
+        return "chief" not in (tf_config.get("cluster") or {}) and index == 0
+    return False
+
+
+def runs_root(cfg) -> Path:
+    return Path(cfg.training.runs_dir) / cfg.name
+
+
+def new_run_dir(cfg) -> Path:
+    """A fresh ``<runs_dir>/<name>/<timestamp>`` (suffix ``-2``, ``-3``... if it already exists)."""
+    root = runs_root(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cand, i = root / stamp, 1
+    while cand.exists():
+        i += 1
+        cand = root / f"{stamp}-{i}"
+    return cand
+
+
+def latest_run_dir(cfg) -> Path:
+    """The newest run folder of ``cfg.name`` (what ``islkeras fit CONFIG --resume`` continues)."""
+    root = runs_root(cfg)
+    runs = sorted(d for d in root.iterdir() if d.is_dir() and (d / CONFIG_FILE).is_file()) if root.is_dir() else []
+    if not runs:
+        raise UserError(f"--resume: no run of {cfg.name!r} in {root} to resume; start one with `islkeras fit CONFIG`")
+    return runs[-1]
+
+
+def save_run_config(cfg, run_dir: Union[str, Path]) -> Path:
+    path = Path(run_dir) / CONFIG_FILE
+    cfg.save(path)
+    return path
+
+
+def load_run_config(run_dir: Union[str, Path]):
+    """The resolved ``ExperimentConfig`` a run was trained with (``<run_dir>/config.json``).
+
+    ``run_dir`` may also be the run's ``savedmodel`` folder or the config file itself.
+    """
+    from islkeras.config import from_dict
+
+    p = Path(run_dir)
+    if p.is_file():
+        path = p
+    elif (p / CONFIG_FILE).is_file():
+        path = p / CONFIG_FILE
+    elif (p.parent / CONFIG_FILE).is_file():
+        path = p.parent / CONFIG_FILE
+    else:
+        raise UserError(f"{run_dir}: not a run folder (no {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(data, base_dir=path.parent, source=str(path))
+
+
+def read_summary(run_dir: Union[str, Path]) -> Optional[dict]:
+    f = Path(run_dir) / SUMMARY_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def summary_line(summary: dict) -> str:
+    best = summary.get("best")
+    best_s = "n/a" if best is None else f"{best:.4f}"
+    return (f"{summary.get('name', 'run')}: {summary.get('epochs')} epochs ({summary.get('stopped')}), "
+            f"best {summary.get('monitor')} {best_s} at epoch {summary.get('best_epoch')}, "
+            f"{summary.get('minutes')} min -> {summary.get('savedmodel')}")
