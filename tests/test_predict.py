@@ -99,3 +99,138 @@ def test_predict_field_errors(tiny_model):
         predict_field(tiny_model, np.zeros((64, 64), np.uint8), tile=100)
     with pytest.raises(UserError, match="overlap"):
         predict_field(tiny_model, np.zeros((64, 64), np.uint8), tile=64, overlap=64)
+
+
+# --------------------------------------------------------------------------------------- CLI / files
+def make_run(run_dir, data_root, savedmodel_src=None, arch="unet", loss="l1", history=True):
+    """A run folder as `islkeras fit` leaves it: config.json, savedmodel/, history.csv."""
+    import shutil
+
+    from islkeras.config import from_dict
+
+    cfg = from_dict({
+        "name": "tiny_aiseg",
+        "data": {
+            "root": str(data_root), "fields": "fov_*",
+            "channels": {"brightfield": {"file": "brightfield.tif"}, "nuclei": {"file": "nuclei.tif"},
+                         "mask": {"file": "mask.tif"}},
+            "inputs": ["brightfield"], "targets": ["nuclei"], "masks": ["mask"],
+            "split": {"csv": "fields.csv:split", "id_column": "fov"},
+            "records": str(run_dir.parent / "records"),
+        },
+        "pipeline": {"crop_size": 256, "normalization": "zscore", "eval_mode": "whole"},
+        "model": {"architecture": arch, "unet_filters": 8, "unet_depth": 3},
+        "loss": {"kind": loss},
+        "training": {"runs_dir": str(run_dir.parent)},
+    }, base_dir=run_dir.parent)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    if savedmodel_src is not None:
+        shutil.copytree(savedmodel_src, run_dir / "savedmodel")
+    if history:
+        rows = ["epoch,loss,val_loss,val_pcc,val_pcc_std,lr"] + [
+            f"{e},{1 / (e + 1):.4f},{1.2 / (e + 1):.4f},{0.5 + e * 0.05:.3f},0.1,0.001" for e in range(5)]
+        (run_dir / "history.csv").write_text("\n".join(rows) + "\n")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model, aiseg_dir):
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny_aiseg" / "20250101-000000", aiseg_dir, tiny_model.path)
+
+
+def test_predict_cli_mixed_inputs(tiny_run, tiny_model, aiseg_dir, aiseg_field, tmp_path):
+    import shutil
+
+    import tifffile
+    from click.testing import CliRunner
+
+    from islkeras.cli import cli
+
+    src = tmp_path / "my fields"  # paths with spaces
+    shutil.copytree(aiseg_dir / "fov_002", src / "fov 002")
+    tifffile.imwrite(src / "odd size.tif", aiseg_field[:1000, :777])
+    tifffile.imwrite(src / "thin.tif", aiseg_field[:, :1])  # 1 pixel wide
+    tifffile.imwrite(src / "rgb.tif", np.stack([aiseg_field[:256, :256]] * 3, -1), photometric="rgb")
+    (src / "broken.tif").write_bytes(b"II*\x00garbage")
+    out = tmp_path / "out dir"
+    res = CliRunner().invoke(cli, ["predict", str(tiny_run), str(src / "fov 002"), str(src / "odd size.tif"),
+                                   str(src / "thin.tif"), str(src / "rgb.tif"), str(src / "broken.tif"),
+                                   str(src / "missing.tif"), "--out", str(out), "--tile", "256"])
+    assert res.exit_code == 1, res.output
+    text = res.output
+    assert "4 of 6 input(s) failed" in text and "predicted 2 of 6" in text
+    assert "too small" in text and "thin.tif" in text
+    assert "1 input plane(s)" in text and "--planes" in text  # the RGB stack
+    assert "broken.tif" in text and "no such file" in text
+    assert sorted(p.name for p in out.iterdir()) == ["fov 002_prediction.tif", "odd size_prediction.tif"]
+    with tifffile.TiffFile(out / "odd size_prediction.tif") as t:
+        arr = t.asarray()
+        assert arr.shape == (1000, 777) and arr.dtype == np.float32
+        assert t.is_imagej and t.series[0].axes == "YX" and t.imagej_metadata["Labels"] == "nuclei"
+    # the CLI writes exactly what predict_field returns (same code path)
+    from islkeras.predict import predict_field
+
+    ref = predict_field(tiny_model, aiseg_field[:1000, :777], tile=256)[..., 0]
+    np.testing.assert_array_equal(arr, ref)
+    # RGB stack works once a plane is picked
+    res = CliRunner().invoke(cli, ["predict", str(tiny_run / "savedmodel"), str(src / "rgb.tif"),
+                                   "--out", str(out), "--planes", "1"])
+    assert res.exit_code == 0, res.output
+    assert tifffile.imread(out / "rgb_prediction.tif").shape == (256, 256)
+
+
+def test_uint16_maps_back_to_target_scale(tiny_model, aiseg_field, tmp_path):
+    import tifffile
+
+    from islkeras.predict import predict_field, to_uint16, write_prediction
+
+    pred = predict_field(tiny_model, aiseg_field[:256, :320], tile=256)
+    write_prediction(tmp_path / "p.tif", pred, ["nuclei"], dtype="uint16")
+    with tifffile.TiffFile(tmp_path / "p.tif") as t:
+        u = t.asarray()
+        assert u.dtype == np.uint16 and u.shape == (256, 320) and t.is_imagej
+    p = pred[..., 0]
+    inside = (p >= 0) & (p <= 65535)
+    assert inside.mean() > 0.5
+    assert np.abs(u[inside].astype(np.float64) - p[inside]).max() <= 0.5 + 1e-6  # within rounding
+    assert (u[p < -0.5] == 0).all()
+    u2, clipped = to_uint16(np.array([[-3.2, 0.4, 254.6, 70000.0]], np.float32))
+    assert u2.tolist() == [[0, 0, 255, 65535]] and clipped == 2
+    u3, _ = to_uint16(np.array([[0.0, 0.5, 1.0]], np.float32), kind="segmentation")
+    assert u3.tolist() == [[0, 32768, 65535]]
+    # several output channels -> CYX with labels
+    write_prediction(tmp_path / "c.tif", np.zeros((40, 50, 2), np.float32), ["nuclei", "map2"])
+    with tifffile.TiffFile(tmp_path / "c.tif") as t:
+        assert t.series[0].axes == "CYX" and t.imagej_metadata["Labels"] == ["nuclei", "map2"]
+
+
+def test_input_layout_from_run_and_overrides(tiny_run, tiny_model, aiseg_dir, tmp_path):
+    from islkeras.predict import find_inputs, input_specs, read_input
+
+    specs = input_specs(tiny_model)  # bare SavedModel: <channel>.tif*
+    assert specs["brightfield"].file == "brightfield.tif*"
+    from islkeras.export.savedmodel import ExportedModel
+
+    em = ExportedModel(tiny_run)
+    specs = input_specs(em, planes=["brightfield=0"], projections=["max"])
+    assert specs["brightfield"].file == "brightfield.tif" and specs["brightfield"].planes == [0]
+    assert specs["brightfield"].projection == "max"
+    with pytest.raises(UserError, match="not an input channel"):
+        input_specs(em, channel_files=["dapi=x.tif"])
+    with pytest.raises(UserError, match="--planes"):
+        input_specs(em, planes=["zero"])
+    # a folder of field folders -> one item per field; a field lacking the input file is reported
+    root = tmp_path / "root"
+    for f in ("fov_001", "fov_004"):
+        (root / f).mkdir(parents=True)
+        (root / f / "brightfield.tif").symlink_to(aiseg_dir / f / "brightfield.tif")
+    (root / "other").mkdir()
+    (root / "other" / "x.tif").write_bytes(b"")
+    items = find_inputs([root], input_specs(em))
+    assert [(i.name, i.kind, i.error is None) for i in items] == [
+        ("fov_001", "field", True), ("fov_004", "field", True), ("other", "field", False)]
+    img = read_input(items[0], input_specs(em), 1)
+    assert img.shape == (1024, 1024, 1) and img.dtype == np.uint8
+    specs = input_specs(em, channel_files=["brightfield=x.tif"])
+    assert [i.name for i in find_inputs([root / "other"], specs)] == ["other"]
