@@ -299,3 +299,15 @@ def test_neurons_bands(neurons_dir, tmp_path, experiments_dir):
     assert x.shape == (4, 128, 128, 3) and y.shape == (4, 128, 128, 1)
     tiles = sum(x.shape[0] for x, _ in make_dataset(cfg, "val", False, m))
     assert tiles == (144 // 128) * (1024 // 128)
+
+
+def test_dihedral_matches_rot90_then_flip():
+    import tensorflow as tf
+
+    from islkeras.data.pipeline import dihedral
+
+    a = np.arange(3 * 5 * 2).reshape(3, 5, 2).astype(np.uint16)
+    for k in range(8):
+        ref = tf.image.rot90(a, k % 4)
+        ref = tf.image.flip_left_right(ref) if k >= 4 else ref
+        np.testing.assert_array_equal(dihedral(tf, tf.constant(a), tf.constant(k)).numpy(), ref.numpy())

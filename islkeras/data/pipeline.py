@@ -125,6 +125,23 @@ def normalization_meta(cfg, manifest: dict, targets: Optional[Sequence[str]] = N
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+def dihedral(tf, a, k):
+    """Symmetry ``k`` in 0..7 of an (H, W, C) tensor: ``rot90(a, k % 4)`` (counter-clockwise, as
+    ``tf.image.rot90``), then a left-right flip when ``k >= 4``; one transpose and/or one reverse each."""
+    t = lambda: tf.transpose(a, [1, 0, 2])  # noqa: E731
+    branches = [
+        lambda: a,
+        lambda: tf.reverse(t(), [0]),
+        lambda: tf.reverse(a, [0, 1]),
+        lambda: tf.reverse(t(), [1]),
+        lambda: tf.reverse(a, [1]),
+        lambda: tf.reverse(t(), [0, 1]),
+        lambda: tf.reverse(a, [0]),
+        t,
+    ]
+    return tf.switch_case(k, branches)
+
+
 def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = None,
                  targets: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
                  inputs: Optional[Sequence[str]] = None, with_names: bool = False):
@@ -191,13 +208,13 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
     if p.cache:
         ds = ds.cache()
 
+    def cat(parts):
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+
     def normalise(idx, xr, yr):
-        x = tf.concat([tf.cast(a, tf.float32) for a in xr], axis=-1)
+        x = cat([tf.cast(a, tf.float32) for a in xr])
         x = (x - tf.gather(xo, idx)) / tf.gather(xs, idx)
-        ys_ = []
-        for a, is_mask in zip(yr, masks_t):
-            ys_.append(tf.cast(a > 0, tf.float32) if is_mask else tf.cast(a, tf.float32))
-        y = tf.concat(ys_, axis=-1)
+        y = cat([tf.cast(a > 0, tf.float32) if is_mask else tf.cast(a, tf.float32) for a, is_mask in zip(yr, masks_t)])
         y = (y - tf.gather(yo, idx)) / tf.gather(ys, idx)
         return x, y
 
@@ -238,11 +255,10 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
             ds = ds.filter(non_empty)
 
         def finish(idx, sym, xr, yr):
+            if p.augment:  # on the raw crops (fewer bytes); commutes with the per-plane affine normalisation
+                xr = tuple(dihedral(tf, a, sym) for a in xr)
+                yr = tuple(dihedral(tf, a, sym) for a in yr)
             x, y = normalise(idx, xr, yr)
-            if p.augment:
-                xy = tf.image.rot90(tf.concat([x, y], axis=-1), sym % 4)
-                xy = tf.cond(sym >= 4, lambda: tf.image.flip_left_right(xy), lambda: xy)
-                x, y = xy[..., :cx], xy[..., cx:]
             x.set_shape([cs, cs, cx]), y.set_shape([cs, cs, cy])
             return x, y
 
