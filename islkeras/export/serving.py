@@ -71,9 +71,10 @@ def export_model(run_dir: Union[str, Path], model_base: Union[str, Path], name: 
     meta = read_meta(src)
     info = run_config_info(run_dir) or run_config_info(src.parent)
     if name is None:
-        if info is None:
-            raise UserError(f"{run_dir}: no config.json beside the SavedModel to take the model name from; pass --name")
-        name = info["name"]
+        name = info["name"] if info is not None else (meta.get("config_name") or meta.get("name"))
+        if not name:
+            raise UserError(f"{run_dir}: no config.json beside the SavedModel (nor a name in its metadata) to take "
+                            "the model name from; pass --name")
     if not NAME_RE.match(name):
         raise UserError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it becomes part of the URL)")
     model_dir = Path(model_base) / name
