@@ -16,21 +16,23 @@ def build_patchgan(n_inputs: int, n_outputs: int, filters: int = 64, n_layers: i
     import tensorflow as tf
 
     L = tf.keras.layers
-    init = tf.keras.initializers.RandomNormal(0.0, 0.02)
+    def init():
+        return tf.keras.initializers.RandomNormal(0.0, 0.02)
+
     x_in = tf.keras.Input((None, None, n_inputs), name="input_image")
     y_in = tf.keras.Input((None, None, n_outputs), name="target_image")
     x = L.Concatenate(name="concat")([x_in, y_in])
     for i in range(n_layers):
         f = filters * min(2 ** i, 8)
-        x = L.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, kernel_initializer=init, name=f"down{i}")(x)
+        x = L.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, kernel_initializer=init(), name=f"down{i}")(x)
         if i > 0:
             x = L.BatchNormalization(name=f"bn{i}")(x)
         x = L.LeakyReLU(0.2, name=f"lrelu{i}")(x)
     x = L.ZeroPadding2D(name="pad0")(x)
-    x = L.Conv2D(filters * min(2 ** n_layers, 8), 4, use_bias=False, kernel_initializer=init, name="conv")(x)
+    x = L.Conv2D(filters * min(2 ** n_layers, 8), 4, use_bias=False, kernel_initializer=init(), name="conv")(x)
     x = L.BatchNormalization(name="bn_last")(x)
     x = L.LeakyReLU(0.2, name="lrelu_last")(x)
     x = L.ZeroPadding2D(name="pad1")(x)
-    x = L.Conv2D(1, 4, kernel_initializer=init, name="logits_conv")(x)
+    x = L.Conv2D(1, 4, kernel_initializer=init(), name="logits_conv")(x)
     out = L.Activation("linear", dtype="float32", name="logits")(x)
     return tf.keras.Model([x_in, y_in], out, name=name)

@@ -48,11 +48,15 @@ def _sm_unet(tf, backbone: str, n_inputs: int, n_outputs: int, activation: str,
         raise
     if pretrained and sm_weights is None:
         _load_encoder_file(net, encoder_weights, backbone)
-    if enc_channels == n_inputs:
+    mixed = tf.keras.mixed_precision.global_policy().compute_dtype != "float32"
+    if enc_channels == n_inputs and not mixed:
         return net
     inp = tf.keras.Input((None, None, n_inputs), name="image")
-    x = tf.keras.layers.Conv2D(3, 1, name="input_adapter")(inp)
-    return tf.keras.Model(inp, net(x), name=f"unet_{backbone}")
+    x = tf.keras.layers.Conv2D(3, 1, name="input_adapter")(inp) if enc_channels != n_inputs else inp
+    y = net(x)
+    if mixed:  # segmentation-models' last activation follows the policy: outputs stay float32
+        y = tf.keras.layers.Activation("linear", dtype="float32", name="output_float32")(y)
+    return tf.keras.Model(inp, y, name=f"unet_{backbone}")
 
 
 def _load_encoder_file(net, path: str, backbone: str) -> None:

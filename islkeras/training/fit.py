@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -261,6 +262,7 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
         summary["savedmodel"] = str(out)
         with contextlib.suppress(FileNotFoundError):
             (ckpt / "best_weights.h5").unlink()
+        shutil.rmtree(ckpt / "backup", ignore_errors=True)  # finished: the SavedModel holds the result
         atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
         click.echo(R.summary_line(summary))
     return summary
