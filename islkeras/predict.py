@@ -140,6 +140,29 @@ def check_image(image: np.ndarray, n_inputs: int, what: str = "image") -> np.nda
     return a
 
 
+def normalize_padded(model, image: np.ndarray, hp: int, wp: int) -> np.ndarray:
+    """``model.normalize(image)`` written into a float32 ``(hp, wp, C)`` buffer, reflection-padded at the
+    bottom/right like ``np.pad(..., mode="reflect")`` -- in place, so the only field-sized float array is
+    the result (same float32 arithmetic as ``normalize_np``: ``(x - offset) / scale``)."""
+    h, w, c = image.shape
+    if h < hp - h + 1 or w < wp - w + 1:
+        raise DataError(f"image of {h} x {w} pixels is too small to pad to {hp} x {wp}")
+    x = np.empty((hp, wp, c), np.float32)
+    core = x[:h, :w]
+    if hasattr(model, "offset_scale"):
+        off, sc = model.offset_scale(image)
+        core[...] = image
+        core -= np.asarray(off, np.float32)
+        core /= np.asarray(sc, np.float32)
+    else:
+        core[...] = model.normalize(image)
+    if hp > h:
+        x[h:, :w] = x[h - 2 - np.arange(hp - h), :w]
+    if wp > w:
+        x[:, w:] = x[:, w - 2 - np.arange(wp - w)]
+    return x
+
+
 def predict_field(model, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                   batch: int = DEFAULT_BATCH, output_scale: bool = True,
                   callback: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
@@ -156,9 +179,7 @@ def predict_field(model, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: i
         raise UserError(f"batch {batch}: must be >= 1")
     h, w, _ = a.shape
     rows, cols = tile_plan(h, w, tile, overlap)
-    x = model.normalize(a)  # (H, W, C_in) float32, whole-field statistics
-    if (rows.size, cols.size) != (h, w):  # reflection needs pad < size: guaranteed by MIN_SIDE >= 32
-        x = np.pad(x, ((0, rows.size - h), (0, cols.size - w), (0, 0)), mode="reflect")
+    x = normalize_padded(model, a, rows.size, cols.size)
     n_out = int(model.n_outputs)
     acc = np.zeros((rows.size, cols.size, n_out), np.float32)
     coords = [(i, j) for i in range(len(rows.starts)) for j in range(len(cols.starts))]

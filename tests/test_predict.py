@@ -234,3 +234,12 @@ def test_input_layout_from_run_and_overrides(tiny_run, tiny_model, aiseg_dir, tm
     assert img.shape == (1024, 1024, 1) and img.dtype == np.uint8
     specs = input_specs(em, channel_files=["brightfield=x.tif"])
     assert [i.name for i in find_inputs([root / "other"], specs)] == ["other"]
+
+
+def test_normalize_padded_matches_numpy(tiny_model, aiseg_field):
+    from islkeras.predict import normalize_padded
+
+    img = aiseg_field[:1000, :777, None]
+    got = normalize_padded(tiny_model, img, 1024, 800)
+    ref = np.pad(tiny_model.normalize(img), ((0, 24), (0, 23), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(got, ref)
