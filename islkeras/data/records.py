@@ -410,6 +410,13 @@ def _sources(cfg, names: list[str]) -> dict:
     return out
 
 
+def _field_names(cfg) -> list[str]:
+    """Field folders of cfg (never the records folder itself, should it lie under data.root)."""
+    d = cfg.data
+    out = Path(d.records).resolve()
+    return [n for n in _tiff.field_names(d.root, d.fields, d.channels) if (Path(d.root) / n).resolve() != out]
+
+
 def stale_reason(cfg, manifest: Optional[dict]) -> Optional[str]:
     """Why the records of ``cfg`` must be (re)written, or None when they are up to date (cheap: stat only)."""
     if manifest is None:
@@ -417,8 +424,7 @@ def stale_reason(cfg, manifest: Optional[dict]) -> Optional[str]:
     if manifest.get("records_hash") != records_hash(cfg):
         return "the data section changed (root, fields, channels, masks or split)"
     try:
-        names = _tiff.field_names(cfg.data.root, cfg.data.fields, cfg.data.channels)
-        src = _sources(cfg, names)
+        src = _sources(cfg, _field_names(cfg))
     except DataError as e:
         return f"sources changed ({e})"
     old = manifest.get("sources", {})
@@ -478,7 +484,9 @@ def _refresh_kinds(cfg, out: Path, manifest: dict) -> dict:
 
 def _convert_locked(cfg, out, old, overwrite, workers, created) -> dict:
     d = cfg.data
-    names = _tiff.field_names(d.root, d.fields, d.channels)
+    names = _field_names(cfg)
+    if not names:
+        raise DataError(f"no field folders matching {d.fields!r} in {d.root} (data.fields)")
     splits = assign_splits(cfg, names)
     names = [n for n in names if n in splits]
     n_workers = workers or d.workers or os.cpu_count() or 1
@@ -559,6 +567,7 @@ def _convert_locked(cfg, out, old, overwrite, workers, created) -> dict:
     from islkeras.utils import atomic_write_json
 
     atomic_write_json(out / MANIFEST, manifest)
+    os.chmod(out / MANIFEST, 0o644)  # readable like the shards (the temp file was 0600)
     created.clear()
     _clean_stale(out, [s.file for s in shards] + [MANIFEST])
     return manifest
