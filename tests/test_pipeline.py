@@ -311,3 +311,17 @@ def test_dihedral_matches_rot90_then_flip():
         ref = tf.image.rot90(a, k % 4)
         ref = tf.image.flip_left_right(ref) if k >= 4 else ref
         np.testing.assert_array_equal(dihedral(tf, tf.constant(a), tf.constant(k)).numpy(), ref.numpy())
+
+
+def test_fields_filter(tmp_path):
+    cfg, m = pattern_cfg(tmp_path, n_fields=3, fractions={"train": 1.0}, pipeline={"eval_mode": "whole"})
+    got = [n.decode() for _, _, names in make_dataset(cfg, "train", False, m, batch_size=1, with_names=True,
+                                                      fields=["f2", "f0"]) for n in names.numpy()]
+    assert got == ["f0", "f2"]
+    fields = {n: _field(cfg, n) for n in ("f0", "f1", "f2")}
+    for x, _ in make_dataset(cfg, "train", True, m, fields=["f1"]).take(2):
+        s = m["fields"]["f1"]["stats"]["inp"]
+        for xi in x.numpy()[..., 0]:
+            locate(xi.astype(np.float64) * s["std"][0] + s["mean"][0], fields["f1"])
+    with pytest.raises(DataError, match="fields f7: not records of split 'train'"):
+        make_dataset(cfg, "train", True, m, fields=["f7"])

@@ -144,11 +144,13 @@ def dihedral(tf, a, k):
 
 def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = None,
                  targets: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
-                 inputs: Optional[Sequence[str]] = None, with_names: bool = False):
+                 inputs: Optional[Sequence[str]] = None, with_names: bool = False,
+                 fields: Optional[Sequence[str]] = None):
     """``tf.data.Dataset`` of float32 ``(x, y)`` NHWC batches (``(x, y, names)`` with ``with_names``).
 
     ``training``: infinite random crops with augmentation; otherwise finite deterministic grid crops or
-    whole fields (``pipeline.eval_mode``). ``targets``/``inputs`` override ``data.targets``/``data.inputs``.
+    whole fields (``pipeline.eval_mode``). ``targets``/``inputs`` override ``data.targets``/``data.inputs``;
+    ``fields`` keeps only these records of the split (e.g. the first N train fields).
     """
     import tensorflow as tf
 
@@ -167,6 +169,12 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
     if not names:
         raise DataError(f"split {split!r} has no records in {cfg.data.records} "
                         f"(splits: {', '.join(manifest['counts']) or 'none'})")
+    if fields is not None:
+        unknown = sorted(set(fields) - set(names))
+        if unknown or not fields:
+            raise DataError(f"fields {', '.join(unknown) or '[]'}: not records of split {split!r} "
+                            f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})")
+        names = sorted(set(fields))
     batch_size = int(batch_size or cfg.training.batch_size)
     cs = int(p.crop_size)
     whole = (not training) and p.eval_mode == "whole"
@@ -205,6 +213,8 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
     files = shard_paths(cfg, manifest, split)
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4) if len(files) > 1 else None)
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    if fields is not None:  # records not in the table were not asked for
+        ds = ds.filter(lambda idx, name, xr, yr: idx >= 0)
     if p.cache:
         ds = ds.cache()
 
@@ -276,8 +286,8 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
                 return x, y, name
 
             ds = ds.map(whole_field, num_parallel_calls=auto)
-            sizes = {(f["height"] // MULTIPLE, f["width"] // MULTIPLE) for n, f in manifest["fields"].items()
-                     if f["split"] == split}
+            sizes = {(manifest["fields"][n]["height"] // MULTIPLE, manifest["fields"][n]["width"] // MULTIPLE)
+                     for n in names}
             eval_batch = batch_size if len(sizes) == 1 else 1
         else:
             def grid(idx, name, xr, yr):
