@@ -483,6 +483,8 @@ def _refresh_kinds(cfg, out: Path, manifest: dict) -> dict:
 
 
 def _convert_locked(cfg, out, old, overwrite, workers, created) -> dict:
+    import tensorflow  # noqa: F401  (imported once here, not concurrently by the reader threads)
+
     d = cfg.data
     names = _field_names(cfg)
     if not names:
