@@ -349,10 +349,13 @@ def test_new_version_is_picked_up(server, model_base, direct):
 
 # ---------------------------------------------------------------------------------- in-process server
 @pytest.fixture(scope="module")
-def inproc(model_base):
-    """``make_server`` in a thread of this process (to break the model deliberately)."""
-    from islkeras.serve import make_server
+def inproc(model_base, direct):
+    """``make_server`` in a thread of this process (to break the model deliberately); it reuses the models
+    this process already loaded."""
+    from islkeras.serve import ModelVersion, make_server
 
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ModelVersion, "_load", lambda self: direct[(self.name, self.version)])
     srv = make_server(model_base, "127.0.0.1", 0, preload="none")
     th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     th.start()
@@ -360,9 +363,10 @@ def inproc(model_base):
     srv.shutdown()
     srv.server_close()
     th.join(10)
+    mp.undo()
 
 
-def test_failure_inside_model_is_500_and_next_request_works(inproc):
+def test_failure_inside_model_is_500_and_next_request_works(inproc, monkeypatch):
     import tensorflow as tf
 
     srv, client = inproc
@@ -376,14 +380,12 @@ def test_failure_inside_model_is_500_and_next_request_works(inproc):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
         return real(batch)
 
-    model.predict_raw = flaky
-    try:
-        status, reply = client.json("POST", "/v1/models/isl:predict", {"instances": GOOD_ROW})
-        assert status == 500
-        assert "OOM when allocating tensor" in reply["error"] and "isl" in reply["error"]
-        _good(client)
-    finally:
-        model.predict_raw = real
+    monkeypatch.setattr(model, "predict_raw", flaky)
+    status, reply = client.json("POST", "/v1/models/isl:predict", {"instances": GOOD_ROW})
+    assert status == 500
+    assert "OOM when allocating tensor" in reply["error"] and "isl" in reply["error"]
+    _good(client)
+    assert len(calls) == 2
 
 
 def test_full_queue_gets_503(inproc, monkeypatch):
@@ -400,7 +402,7 @@ def test_full_queue_gets_503(inproc, monkeypatch):
         release.wait(30)
         return real(batch)
 
-    model.predict_raw = slow
+    monkeypatch.setattr(model, "predict_raw", slow)
     result = {}
     th = threading.Thread(target=lambda: result.update(r=client.json("POST", "/v1/models/isl:predict",
                                                                        {"instances": GOOD_ROW})))
@@ -412,6 +414,61 @@ def test_full_queue_gets_503(inproc, monkeypatch):
     finally:
         release.set()
         th.join(30)
-        model.predict_raw = real
     assert result["r"][0] == 200
     _good(client)
+
+
+# ------------------------------------------------------------------------------------ JSON fast path
+FAST_BODIES = [
+    b'{"instances": [[[[1], [2]], [[3], [4]]]]}',
+    b'{"instances":[[[[1],[2]],[[3],[4]]],[[[5],[6]],[[7],[255]]]]}',
+    b' {\n "signature_name": "serving_default",\n "inputs": {"image": [[[[0],[1.0]]]]}\n}\n',
+    b'{"inputs": [[[[1], [2]]]], "signature_name": "serving_default"}',
+    b'{"signature_name": "normalized", "inputs": {"x": [[[[1.5e-3], [-2.25E+2]]]]}}',
+    b'{"signature_name": "normalized", "instances": [[[[-0.0], [1e5]]]]}',
+    b'{"instances": [[[[1], [2]], [[3]]]]}',  # ragged
+    b'{"instances": [[[[1], []]]]}', b'{"instances": [[[[], [1]]]]}', b'{"instances": [[[[1], [ ]]]]}',
+    b'{"instances": [[[[1], [2,]]]]}', b'{"instances": [[[[,1], [2]]]]}',
+    b'{"instances": [[[[1, ], [2]]]]}',
+    b'{"instances": [[[[01], [2]]]]}', b'{"instances": [[[[+1], [2]]]]}', b'{"instances": [[[[.5], [2]]]]}',
+    b'{"instances": [[[[5.], [2]]]]}', b'{"instances": [[[[-], [2]]]]}', b'{"instances": [[[[1e], [2]]]]}',
+    b'{"instances": [[[[1 2], [2]]]]}', b'{"instances": [[[[1-2], [2]]]]}', b'{"instances": [[[[1.5.2], [2]]]]}',
+    b'{"instances": [[[[NaN], [2]]]]}', b'{"instances": [[[[256], [2]]]]}', b'{"instances": [[[[-1], [2]]]]}',
+    b'{"instances": [[[[1.5], [2]]]]}', b'{"instances": [[[[1], [2]]]]', b'{"instances": [[[1, 2]]]}',
+    b'{"instances": [[[[1, 2]]]]}', b'{"inputs": {"img": [[[[1]]]]}}', b'{"instances": {"image": [[[[1]]]]}}',
+    b'{"instances": [[[[1]]]], "inputs": [[[[1]]]]}', b'{"signature_name": "nope", "inputs": [[[[1]]]]}',
+    b'{"signature_name": "normalized", "inputs": {"image": [[[[1]]]]}}', b'{"instances": [[[[1e2]]]]}',
+    b'{"instances": [[[[1]]]]} x', b'[[[[1]]]]', b'{"instances": [[[[-01]]]]}', b'{"instances": [[[[1e05]]]]}',
+]
+
+
+@pytest.mark.parametrize("body", FAST_BODIES)
+def test_fast_json_path_agrees_with_json_module(body):
+    from islkeras.serve import HTTPError, InputSpec, _check_and_cast, parse_predict_request
+
+    specs = {"serving_default": InputSpec("serving_default", "image", np.dtype("uint8"), (None, None, None, 1), "p"),
+             "normalized": InputSpec("normalized", "x", np.dtype("float32"), (None, None, None, 1), "p")}
+
+    def run(fast):
+        try:
+            fmt, spec, arr = parse_predict_request(body, specs, fast=fast)
+            return fmt, spec.signature, _check_and_cast(arr, spec, None)
+        except HTTPError as e:
+            return e.status
+
+    want, got = run(False), run(True)
+    if isinstance(want, int):
+        assert got == want
+    else:
+        assert got[:2] == want[:2] and got[2].dtype == want[2].dtype and np.array_equal(got[2], want[2])
+
+
+def test_fast_json_path_is_taken_for_plain_tensors():
+    from islkeras.serve import InputSpec, _fast_predict_body
+
+    specs = {"serving_default": InputSpec("serving_default", "image", np.dtype("uint8"), (None, None, None, 1), "p"),
+             "normalized": InputSpec("normalized", "x", np.dtype("float32"), (None, None, None, 1), "p")}
+    for body in FAST_BODIES[:6] + [b'{"instances": [[[[1e05]]]]}']:
+        assert _fast_predict_body(body, specs) is not None, body
+    for body in FAST_BODIES[6:22]:
+        assert _fast_predict_body(body, specs) is None, body
