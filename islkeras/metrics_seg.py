@@ -185,7 +185,7 @@ def pixel_accuracy(pred_mask: np.ndarray, true_mask: np.ndarray) -> float:
 def mask_jaccard_from_fluorescence(
     pred_img: np.ndarray,
     true_img: np.ndarray,
-    method: str = "classical",
+    method="classical",
     params=None,
     cellpose_model: Optional[str] = None,
     diameter: Optional[float] = None,
@@ -193,16 +193,21 @@ def mask_jaccard_from_fluorescence(
     """Jaccard between the nucleus masks of predicted and of true fluorescence (thesis section 3.5.1).
 
     Signature: ``mask_jaccard_from_fluorescence(pred_img, true_img, method="classical", params=None,
-    cellpose_model=None, diameter=None) -> float``.
+    cellpose_model=None, diameter=None) -> float`` (``params``: :class:`islkeras.masks.ClassicalParams`).
 
     Both images are 2-D (Y, X) nuclear-stain intensities of the same field (any numeric dtype; each is
     percentile-normalised on its own, so a prediction on a different intensity scale is fine). Both are
     segmented with the same method (``"classical"`` with :class:`islkeras.masks.ClassicalParams`
     ``params``, or ``"cellpose"`` with ``cellpose_model`` / ``diameter``) and the foreground masks are
-    compared with :func:`iou_binary` (1.0 when both are empty).
+    compared with :func:`iou_binary` (1.0 when both are empty). ``method`` may also be a callable
+    image -> labels, e.g. ``islkeras.masks.make_segmenter("cellpose", cellpose_model=...)`` built once, so
+    that a cellpose model is not reloaded for every image pair.
     """
-    from islkeras import masks as _masks
-
     pred_img, true_img = _check_pair(pred_img, true_img, "mask_jaccard_from_fluorescence")
-    seg = _masks.make_segmenter(method, params=params, cellpose_model=cellpose_model, diameter=diameter)
+    if callable(method):
+        seg = method
+    else:
+        from islkeras import masks as _masks
+
+        seg = _masks.make_segmenter(method, params=params, cellpose_model=cellpose_model, diameter=diameter)
     return iou_binary(seg(pred_img) > 0, seg(true_img) > 0)
