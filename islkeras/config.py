@@ -137,11 +137,18 @@ class TrainingConfig:
 
 @dataclass
 class TransferConfig:
+    """``islkeras transfer``: nuclei segmentation initialised from an ISL model (see islkeras.transfer)."""
+
     isl_run: Optional[str] = None  #: ISL run folder or SavedModel; null trains from scratch
     mask_channel: str = "mask"
-    train_fields: Optional[int] = None  #: use only the first N train fields (null = all)
+    train_fields: Optional[int] = None  #: use only the first N train fields, sorted by name (null = all)
     init: Literal["all_but_head", "all"] = "all_but_head"
     threshold: float = 0.5
+    # few-image experiment (islkeras.transfer_experiment): set sweep_train_fields to run it
+    sweep_train_fields: Optional[list[int]] = None  #: e.g. [1, 3, 18]: ISL-initialised vs scratch per N
+    compare_scratch: bool = True  #: in a sweep, also train every N from scratch
+    pretrain: Optional[str] = None  #: ISL experiment config trained first when isl_run is null (sweep only)
+    pretrain_set: dict[str, Any] = field(default_factory=dict)  #: dotted-key overrides for the pretrain config
 
 
 @dataclass
@@ -362,6 +369,14 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"{src}: transfer.mask_channel {cfg.transfer.mask_channel!r} is not in data.channels ({', '.join(d.channels)})"
         )
+    tr = cfg.transfer
+    if tr is not None:
+        if tr.train_fields is not None and tr.train_fields < 1:
+            raise ConfigError(f"{src}: transfer.train_fields must be >= 1 or null (all), got {tr.train_fields}")
+        if tr.sweep_train_fields is not None and (not tr.sweep_train_fields or min(tr.sweep_train_fields) < 1):
+            raise ConfigError(f"{src}: transfer.sweep_train_fields must be a non-empty list of integers >= 1")
+        if not 0.0 < tr.threshold < 1.0:
+            raise ConfigError(f"{src}: transfer.threshold must be between 0 and 1, got {tr.threshold}")
     w = cfg.model.encoder_weights
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise ConfigError(f"{src}: model.encoder_weights: no weights file at {w} (use null, \"imagenet\" or a file)")
@@ -383,6 +398,8 @@ def _resolve_paths(cfg: ExperimentConfig) -> None:
         cfg.loss.vgg_weights = expand_path(cfg.loss.vgg_weights, b)
     if cfg.transfer is not None and cfg.transfer.isl_run is not None:
         cfg.transfer.isl_run = expand_path(cfg.transfer.isl_run, b)
+    if cfg.transfer is not None and cfg.transfer.pretrain is not None:
+        cfg.transfer.pretrain = expand_path(cfg.transfer.pretrain, b)
 
 
 def from_dict(data: dict, base_dir: Union[str, Path] = ".", source: str = "<dict>",
