@@ -29,31 +29,9 @@ LATEST = "__latest__"
 
 
 # ----------------------------------------------------------------------------------------- strategy
-def get_strategy(training_cfg):
-    """The ``tf.distribute`` strategy of ``training.strategy``.
-
-    ``default``: ``tf.distribute.get_strategy()`` (one device); ``mirrored``: ``MirroredStrategy`` over
-    ``training.devices`` (default: all local GPUs); ``multiworker``: ``MultiWorkerMirroredStrategy``
-    (cluster from ``TF_CONFIG``); ``auto``: multi-worker when ``TF_CONFIG`` is set, mirrored with more than
-    one GPU, else default.
-    """
-    import tensorflow as tf
-
-    kind = training_cfg.strategy
-    if kind == "auto":
-        if os.environ.get("TF_CONFIG"):
-            kind = "multiworker"
-        elif len(tf.config.list_logical_devices("GPU")) > 1:
-            kind = "mirrored"
-        else:
-            kind = "default"
-    if kind == "default":
-        return tf.distribute.get_strategy()
-    if kind == "mirrored":
-        return tf.distribute.MirroredStrategy(devices=training_cfg.devices)
-    if kind == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ConfigError(f"training.strategy {kind!r}: expected default, mirrored, multiworker or auto")
+# one implementation of strategies and precision: islkeras.training.distribute (re-exported for transfer.py)
+from islkeras.training.distribute import get_strategy  # noqa: E402,F401
+from islkeras.training.distribute import precision as _precision  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -151,21 +129,6 @@ def _check_data(cfg) -> None:
                         f"holding your field folders, or pass --data-root")
 
 
-@contextlib.contextmanager
-def _precision(policy: Optional[str]):
-    import tensorflow as tf
-
-    if not policy:
-        yield
-        return
-    old = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy(policy)
-    try:
-        yield
-    finally:
-        tf.keras.mixed_precision.set_global_policy(old)
-
-
 def resolve_run_dir(cfg, run_dir=None, resume=None) -> tuple[Path, bool]:
     """(run folder, resuming?) from ``--run-dir`` / ``--resume [RUN_DIR]``."""
     from islkeras.training import run as R
@@ -204,13 +167,18 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     import tensorflow as tf
 
     from islkeras.data.pipeline import make_dataset
-    from islkeras.data.records import ensure_records
+    from islkeras.data.records import ensure_records, shard_paths
     from islkeras.export.savedmodel import export_savedmodel
+    from islkeras.training import distribute as D
     from islkeras.training.callbacks import EpochTensorBoard, HistoryCSV, TrainingControl
     from islkeras.utils import atomic_write_json
 
     t = cfg.training
-    chief = R.is_chief()
+    strategy = get_strategy(t)  # first: logical devices and multi-worker collectives need a fresh runtime
+    D.check_batch_size(t.batch_size, strategy)
+    chief = D.is_chief(strategy)
+    run_dir = D.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
+    save_dir = D.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
     manifest = ensure_records(cfg)
     n_in = _channels(manifest, cfg.data.inputs, "input")
     n_out = _channels(manifest, cfg.data.targets, "target")
@@ -219,12 +187,13 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     meta = export_meta(cfg, manifest)  # fails now (not after training) if the records lack something
 
     tf.keras.utils.set_random_seed(t.seed)
-    strategy = get_strategy(t)
     with _precision(t.mixed_precision):
         with strategy.scope():
             model, generator = build_training_model(cfg, n_in, n_out)
-        train_ds = make_dataset(cfg, "train", training=True, manifest=manifest)
-        val_ds = make_dataset(cfg, "val", training=False, manifest=manifest) if has_val else None
+        train_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest), strategy,
+                                        len(shard_paths(cfg, manifest, "train")))
+        val_ds = D.distribute_dataset(make_dataset(cfg, "val", training=False, manifest=manifest), strategy,
+                                      len(shard_paths(cfg, manifest, "val")), training=False) if has_val else None
 
         if chief:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,14 +203,17 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
         if val_ds is None and monitor.startswith("val_"):
             monitor = monitor[4:]
         ckpt = run_dir / "ckpt"
+        # every worker saves its best weights (reading BatchNorm statistics is collective): workers into
+        # their temporary folder, so TrainingControl always writes there (chief=True)
         control = TrainingControl(
-            generator, ckpt / "state.json", ckpt / "best_weights.h5", epochs=t.epochs,
+            generator, save_dir / "ckpt" / "state.json", save_dir / "ckpt" / "best_weights.h5", epochs=t.epochs,
             steps_per_epoch=t.steps_per_epoch, monitor=monitor, mode=es.mode if es else "auto",
             patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
             lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
-            max_minutes=t.max_minutes, start_time=start, chief=chief)
+            max_minutes=t.max_minutes, start_time=start, chief=True)
         callbacks = [
             control,
+            *D.sync_callbacks(strategy, control),
             HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
             EpochTensorBoard(run_dir / "tb", chief=chief),
             tf.keras.callbacks.BackupAndRestore(str(ckpt / "backup")),
@@ -250,15 +222,17 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
             verbose = 0 if os.environ.get("ISLKERAS_NO_PROGRESS") == "1" else (1 if sys.stdout.isatty() else 2)
         click.echo(f"islkeras fit: {cfg.name} ({cfg.loss.kind}, {cfg.model.architecture}"
                    f"{'/' + cfg.model.backbone if cfg.model.architecture == 'unet_sm' else ''}) -> {run_dir}"
-                   f"{' (resuming)' if resuming else ''}", err=True)
+                   f"{' (resuming)' if resuming else ''}"
+                   f"{'' if strategy is tf.distribute.get_strategy() else ' [' + D.describe(strategy) + ']'}", err=True)
         model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
                   validation_steps=t.validation_steps if val_ds is not None else None,
                   callbacks=callbacks, verbose=verbose)
 
     summary = dict(control.summary, name=cfg.name, loss=cfg.loss.kind, run_dir=str(run_dir),
                    config_hash=cfg.hash())
+    out = export_savedmodel(generator, save_dir / "savedmodel", meta)  # every worker (collective reads)
+    D.release_worker_dir(save_dir, chief)
     if chief:
-        out = export_savedmodel(generator, run_dir / "savedmodel", meta)
         summary["savedmodel"] = str(out)
         with contextlib.suppress(FileNotFoundError):
             (ckpt / "best_weights.h5").unlink()

@@ -31,7 +31,8 @@ class Pix2Pix(GeneratorModel):
 
     def compile(self, g_optimizer, d_optimizer, **kwargs):
         super().compile(optimizer=g_optimizer, **kwargs)
-        self.d_optimizer = d_optimizer
+        # Keras' own wrapping, as compile does for the generator's: a LossScaleOptimizer under mixed_float16
+        self.d_optimizer = self._get_optimizer(d_optimizer)
 
     def build_optimizers(self):
         """Create the optimizers' slots now so a checkpoint (BackupAndRestore) restores them eagerly."""

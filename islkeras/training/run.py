@@ -20,22 +20,12 @@ SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.csv"
 
 
-def is_chief() -> bool:
-    """True unless ``TF_CONFIG`` names this process as a non-chief worker (multi-worker training)."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return True
-    try:
-        tf_config = json.loads(raw)
-    except ValueError:
-        return True
-    task = tf_config.get("task", {}) or {}
-    ttype, index = task.get("type"), int(task.get("index", 0) or 0)
-    if ttype in (None, "chief"):
-        return True
-    if ttype == "worker":
-        return "chief" not in (tf_config.get("cluster") or {}) and index == 0
-    return False
+def is_chief(strategy=None) -> bool:
+    """True unless this process is a non-chief worker of a multi-worker run (``TF_CONFIG`` task type
+    ``chief``, or ``worker`` 0 when there is no chief); see ``islkeras.training.distribute.is_chief``."""
+    from islkeras.training.distribute import is_chief as _is_chief
+
+    return _is_chief(strategy)
 
 
 def runs_root(cfg) -> Path:

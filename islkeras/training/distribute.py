@@ -1,0 +1,481 @@
+"""Distribution and precision for training: one place that turns ``training.*`` into TensorFlow's own
+machinery (``tf.distribute`` strategies, ``tf.data`` auto-sharding, Keras mixed-precision policies).
+
+Strategy (``training.strategy``, see ``get_strategy``)
+    * ``default``: TensorFlow's default strategy (one device: the first GPU if any, else the CPU).
+    * ``mirrored``: ``tf.distribute.MirroredStrategy`` over ``training.devices`` (default: every local
+      GPU). CPU devices may be named too (``["/cpu:0", "/cpu:1"]``): when the process has fewer logical
+      CPUs than named, the physical CPU is split into that many logical devices with
+      ``tf.config.set_logical_device_configuration`` -- possible only before TensorFlow's runtime is
+      initialised (``configure_logical_cpus``; tests and ``benchmarks/scale.py`` use it).
+    * ``multiworker``: ``tf.distribute.MultiWorkerMirroredStrategy`` with the cluster from ``TF_CONFIG``
+      (validated first: a missing or malformed ``TF_CONFIG`` is a ``ConfigError`` naming what is wrong).
+    * ``auto``: ``multiworker`` when ``TF_CONFIG`` describes a cluster of more than one task, ``mirrored``
+      when more than one GPU is visible, else ``default``.
+
+    A process creates each strategy once (``get_strategy`` caches it): a multi-worker strategy can only
+    be set up once per process, and several trainings in one process (the transfer experiment) share it.
+
+Model, optimizers and metrics are created inside ``strategy.scope()``; Keras ``fit`` distributes the
+datasets. ``distribute_dataset`` sets their auto-shard policy: ``FILE`` when the split has at least as
+many TFRecord shards as there are workers, else ``DATA``. ``training.batch_size`` is the *global* batch
+(split over all replicas); the custom train steps reduce per-example losses with
+``tf.nn.compute_average_loss(global_batch_size=...)`` and compiled models with Keras' own
+global-batch reduction, so a step does not depend on the number of replicas.
+
+Chief and workers (``is_chief``, ``agree_run_dir``, ``worker_dir``, ``sync_callbacks``)
+    The chief (``TF_CONFIG`` task type ``chief``, or worker 0 when the cluster has no chief; any process
+    of a single-worker strategy) writes the run folder. Every worker must nevertheless *save* what the
+    chief saves (reading a ``SyncOnRead`` variable such as BatchNorm's moving statistics is a collective
+    operation under multi-worker training), so the other workers save into a temporary folder that is
+    removed at the end. ``agree_run_dir`` broadcasts the chief's run folder so every worker reads the same
+    checkpoints when resuming (the run folder must then be on a file system all workers share).
+
+Precision (``training.mixed_precision``, see ``precision``)
+    ``null`` (float32), ``mixed_float16`` (GPUs) or ``mixed_bfloat16`` (TPUs, recent CPUs with AVX512-BF16
+    or AMX). Networks are built under the Keras global policy; their output layers are float32 (the plain
+    U-Net's final activation, segmentation-models' wrapped by ``models.unet``, PatchGAN logits), losses are
+    computed in float32, and with ``mixed_float16`` every optimizer is a ``LossScaleOptimizer``
+    (``maybe_loss_scale``; ``compile`` does it for the generator's, ``Pix2Pix.compile`` for the
+    discriminator's). ``training.jit_compile`` passes ``jit_compile`` to ``compile`` (XLA).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from islkeras.errors import ConfigError, UserError
+
+STRATEGIES = ("default", "mirrored", "multiworker", "auto")
+PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
+_CACHE: dict = {}
+_PATH_BYTES = 4096  #: longest run-folder path agree_run_dir can broadcast (UTF-8 bytes)
+
+
+# ------------------------------------------------------------------------------------------ TF_CONFIG
+def parse_tf_config(raw: Optional[str] = None, required: bool = True) -> Optional[dict]:
+    """``TF_CONFIG`` (or ``raw``) parsed and checked: ``{"cluster": {type: [host:port, ...]}, "task":
+    {"type": ..., "index": i}}``. ``None`` when unset and not ``required``; ``ConfigError`` otherwise."""
+    raw = os.environ.get("TF_CONFIG") if raw is None else raw
+    if not raw or not raw.strip():
+        if not required:
+            return None
+        raise ConfigError(
+            'training.strategy "multiworker" needs the TF_CONFIG environment variable, e.g. '
+            'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+            '"index": 0}}\' on the first machine (index 1 on the second); see docs/distributed.md')
+    try:
+        tc = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e})") from None
+    if not isinstance(tc, dict):
+        raise ConfigError("TF_CONFIG must be a JSON object with \"cluster\" and \"task\"")
+    cluster, task = tc.get("cluster"), tc.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ConfigError('TF_CONFIG has no "cluster" object (e.g. {"worker": ["host1:port", "host2:port"]})')
+    for kind, addrs in cluster.items():
+        if kind not in ("chief", "worker", "evaluator", "ps"):
+            raise ConfigError(f"TF_CONFIG cluster: unknown task type {kind!r} (expected chief, worker)")
+        if kind == "ps":
+            raise ConfigError("TF_CONFIG cluster has \"ps\" tasks: parameter-server training is not supported; "
+                              "use chief/worker tasks (MultiWorkerMirroredStrategy)")
+        if not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) and ":" in a for a in addrs):
+            raise ConfigError(f"TF_CONFIG cluster.{kind} must be a non-empty list of \"host:port\" strings")
+    if "chief" in cluster and len(cluster["chief"]) != 1:
+        raise ConfigError("TF_CONFIG cluster.chief must list exactly one address")
+    if not isinstance(task, dict) or "type" not in task:
+        raise ConfigError('TF_CONFIG has no "task" object (e.g. {"type": "worker", "index": 0})')
+    ttype = task["type"]
+    if ttype not in cluster:
+        raise ConfigError(f"TF_CONFIG task.type {ttype!r} is not in the cluster ({', '.join(cluster)})")
+    try:
+        index = int(task.get("index", 0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"TF_CONFIG task.index must be an integer, got {task.get('index')!r}") from None
+    if not 0 <= index < len(cluster[ttype]):
+        raise ConfigError(f"TF_CONFIG task.index {index} is out of range: cluster.{ttype} has "
+                          f"{len(cluster[ttype])} address(es)")
+    return {"cluster": cluster, "task": {"type": ttype, "index": index}}
+
+
+def cluster_size(tf_config: Optional[dict]) -> int:
+    """Number of training tasks (chief + workers) of a parsed ``TF_CONFIG`` (1 without one)."""
+    if not tf_config:
+        return 1
+    c = tf_config["cluster"]
+    return len(c.get("chief", [])) + len(c.get("worker", []))
+
+
+def _chief_from_tf_config(tf_config: Optional[dict]) -> bool:
+    if not tf_config:
+        return True
+    ttype, index = tf_config["task"]["type"], tf_config["task"]["index"]
+    if ttype == "chief":
+        return True
+    return ttype == "worker" and index == 0 and "chief" not in tf_config["cluster"]
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+        getattr(strategy.extended, "_in_multi_worker_mode", lambda: True)()
+
+
+def is_chief(strategy=None) -> bool:
+    """Whether this process writes the run folder: always with a single-worker strategy; under multi-worker
+    training the ``TF_CONFIG`` task ``chief``, or ``worker`` 0 when the cluster has no chief.
+
+    Without ``strategy``, ``TF_CONFIG`` alone decides (an unparsable one counts as chief)."""
+    if strategy is not None and not is_multi_worker(strategy):
+        return True
+    try:
+        return _chief_from_tf_config(parse_tf_config(required=False))
+    except ConfigError:
+        return True
+
+
+def num_workers(strategy) -> int:
+    if not is_multi_worker(strategy):
+        return 1
+    return int(strategy.extended._num_workers)
+
+
+# ------------------------------------------------------------------------------------------ devices
+def configure_logical_cpus(n: int, exact: bool = False) -> list[str]:
+    """Split the physical CPU into ``n`` logical devices (``/cpu:0`` ... ``/cpu:n-1``); returns their names.
+
+    Must run before TensorFlow's runtime is initialised (before the first op); afterwards it succeeds only
+    when the CPU is already split into at least ``n`` devices (exactly ``n`` with ``exact``), else raises
+    UserError.
+    """
+    import tensorflow as tf
+
+    n = int(n)
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    have = len(current) if current else 1
+    if have < n or (have > n and exact):
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        except RuntimeError:
+            raise UserError(
+                f"cannot split the CPU into {n} logical devices: TensorFlow's runtime is already initialised "
+                f"with {have}; set the devices before any TensorFlow op runs (e.g. create the strategy first)"
+            ) from None
+    return [f"/cpu:{i}" for i in range(n)]
+
+
+def _device_index(name: str, kind: str) -> Optional[int]:
+    s = name.strip().lower()
+    for prefix in ("/job:localhost/replica:0/task:0/device:", "/device:", "/"):
+        if s.startswith(prefix):
+            s = s[len(prefix):]
+            break
+    if s.startswith(kind + ":"):
+        try:
+            return int(s.split(":", 1)[1])
+        except ValueError:
+            return None
+    return None
+
+
+def _check_devices(devices: Sequence[str]) -> list[str]:
+    """Make named CPU devices exist (logical CPUs) and check every name against the local devices."""
+    import tensorflow as tf
+
+    devices = list(devices)
+    if len(set(d.lower() for d in devices)) != len(devices):
+        raise ConfigError(f"training.devices lists a device twice: {devices}")
+    cpus = [i for i in (_device_index(d, "cpu") for d in devices) if i is not None]
+    if cpus and max(cpus) > 0:
+        configure_logical_cpus(max(cpus) + 1)
+    local = {d.name.lower() for d in tf.config.list_logical_devices()}
+    short = {n.split("device:")[-1] for n in local}
+    for d in devices:
+        key = d.strip().lower()
+        if key not in local and key.lstrip("/").replace("device:", "") not in short:
+            avail = ", ".join(sorted(n.split("device:")[-1] for n in local))
+            raise ConfigError(f"training.devices: no local device {d!r} (available: {avail})")
+    return devices
+
+
+# ----------------------------------------------------------------------------------------- strategy
+def resolve_kind(training_cfg) -> str:
+    """``training.strategy`` with ``auto`` resolved (see module doc)."""
+    import tensorflow as tf
+
+    kind = training_cfg.strategy
+    if kind not in STRATEGIES:
+        raise ConfigError(f"training.strategy {kind!r}: expected {', '.join(STRATEGIES)}")
+    if kind != "auto":
+        return kind
+    try:
+        tc = parse_tf_config(required=False)
+    except ConfigError:
+        tc = None
+    if cluster_size(tc) > 1:
+        return "multiworker"
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return "mirrored"
+    return "default"
+
+
+def get_strategy(training_cfg):
+    """The ``tf.distribute`` strategy of ``training.strategy`` / ``training.devices`` (module doc).
+
+    Call it before anything else touches TensorFlow's runtime: logical CPU devices and the multi-worker
+    collectives can only be configured before it is initialised.
+    """
+    import tensorflow as tf
+
+    kind = resolve_kind(training_cfg)
+    devices = list(training_cfg.devices) if training_cfg.devices else None
+    if devices is not None and kind != "mirrored":
+        raise ConfigError(f"training.devices is only used with strategy \"mirrored\" (strategy is {kind!r})")
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "mirrored":
+        if devices is not None:
+            devices = _check_devices(devices)
+        key = ("mirrored", tuple(devices or ()))
+        if key not in _CACHE:
+            _CACHE[key] = tf.distribute.MirroredStrategy(devices=devices)
+        return _CACHE[key]
+    # multiworker
+    tc = parse_tf_config(required=True)
+    key = ("multiworker", json.dumps(tc, sort_keys=True))
+    if key not in _CACHE:
+        if any(k[0] == "multiworker" for k in _CACHE):
+            raise UserError("a different multi-worker cluster was already set up in this process (TF_CONFIG "
+                            "changed); start a new process")
+        _CACHE[key] = tf.distribute.MultiWorkerMirroredStrategy()
+    return _CACHE[key]
+
+
+def describe(strategy) -> str:
+    """One line: strategy class, replicas and workers (for the log)."""
+    name = type(strategy).__name__
+    if name == "_DefaultDistributionStrategy":
+        return "default strategy (1 replica)"
+    devs = getattr(strategy.extended, "worker_devices", ())
+    w = num_workers(strategy)
+    return (f"{name}: {strategy.num_replicas_in_sync} replica(s)"
+            + (f" on {w} workers" if w > 1 else "") + (f" ({', '.join(devs)})" if devs and w == 1 else ""))
+
+
+# -------------------------------------------------------------------------------------------- data
+def shard_policy(n_shards: int, n_workers: int):
+    """``FILE`` when every worker gets at least one TFRecord shard, else ``DATA``."""
+    import tensorflow as tf
+
+    P = tf.data.experimental.AutoShardPolicy
+    return P.FILE if n_shards >= n_workers else P.DATA
+
+
+def cpu_replicas(strategy) -> bool:
+    """True when the strategy's replicas are CPU devices (logical CPUs, or CPU-only workers)."""
+    devs = getattr(strategy.extended, "worker_devices", ()) or ()
+    return bool(devs) and all("CPU" in d.upper() for d in devs)
+
+
+def _onednn_enabled() -> bool:
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except Exception:  # pragma: no cover - other builds
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+
+
+def empty_batches_unsafe(strategy) -> bool:
+    """Whether a replica must never get an empty batch: TensorFlow's oneDNN CPU convolutions return a
+    wrongly shaped result for an empty batch (TF 2.21), which the last, partial batch of an evaluation
+    set gives some replicas when it is split over several CPU replicas."""
+    return strategy.num_replicas_in_sync > 1 and cpu_replicas(strategy) and _onednn_enabled()
+
+
+def check_batch_size(batch_size: int, strategy) -> None:
+    """The global batch must split evenly over the replicas (every replica gets the same share)."""
+    n = strategy.num_replicas_in_sync
+    if int(batch_size) % n:
+        raise ConfigError(f"training.batch_size {batch_size} (the global batch) must be a multiple of the "
+                          f"{n} replicas of the strategy ({describe(strategy)})")
+
+
+def distribute_dataset(ds, strategy, n_shards: int, training: bool = True):
+    """``ds`` prepared for ``strategy``; Keras ``fit`` then distributes it (every step takes one *global*
+    batch, split over the replicas).
+
+    * Multi-worker: auto-shard policy ``FILE`` when there are at least as many TFRecord shards as workers,
+      else ``DATA`` (``shard_policy``). Single-worker strategies need no sharding (``OFF``).
+    * Evaluation sets on several CPU replicas (``empty_batches_unsafe``): every batch is cut to a multiple
+      of the number of replicas (only the last, partial batch changes: at most ``replicas - 1`` crops of a
+      pass are left out) and sharded by ``DATA`` (by ``FILE`` workers could run out of batches at different
+      steps), so no replica is ever given an empty batch.
+    """
+    import tensorflow as tf
+
+    P = tf.data.experimental.AutoShardPolicy
+    opts = tf.data.Options()
+    policy = shard_policy(n_shards, num_workers(strategy)) if is_multi_worker(strategy) else P.OFF
+    if not training and empty_batches_unsafe(strategy):
+        n = strategy.num_replicas_in_sync
+
+        def cut(*el):
+            keep = tf.shape(tf.nest.flatten(el)[0])[0] // n * n
+            return tf.nest.map_structure(lambda a: a[:keep], el if len(el) > 1 else el[0])
+
+        ds = ds.map(cut).filter(lambda *el: tf.shape(tf.nest.flatten(el)[0])[0] > 0)
+        if policy != P.OFF:
+            policy = P.DATA
+    opts.experimental_distribute.auto_shard_policy = policy
+    return ds.with_options(opts)
+
+
+# ------------------------------------------------------------------------------------------ precision
+@contextlib.contextmanager
+def precision(policy: Optional[str]) -> Iterator[None]:
+    """Keras global dtype policy ``policy`` inside the block (``None``: unchanged, float32)."""
+    import tensorflow as tf
+
+    if policy not in PRECISIONS:
+        raise ConfigError(f"training.mixed_precision {policy!r}: expected null, mixed_float16 or mixed_bfloat16")
+    if not policy:
+        yield
+        return
+    old = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(old)
+
+
+def needs_loss_scaling(policy=None) -> bool:
+    import tensorflow as tf
+
+    name = policy if isinstance(policy, str) else (policy or tf.keras.mixed_precision.global_policy()).name
+    return name == "mixed_float16"
+
+
+def maybe_loss_scale(optimizer, policy=None):
+    """``optimizer`` wrapped in a dynamic ``LossScaleOptimizer`` when the policy is ``mixed_float16``
+    (float16 gradients underflow without it); unchanged otherwise or when already wrapped."""
+    import tensorflow as tf
+
+    lso = tf.keras.mixed_precision.LossScaleOptimizer
+    if needs_loss_scaling(policy) and not isinstance(optimizer, lso):
+        return lso(optimizer)
+    return optimizer
+
+
+# ---------------------------------------------------------------------------------- chief / workers
+def _allreduce_sum(strategy, value):
+    """Sum of one tensor per worker (each worker contributes ``value`` once, whatever its replicas)."""
+    import tensorflow as tf
+
+    local = max(1, strategy.num_replicas_in_sync // max(1, num_workers(strategy)))
+    per_replica = strategy.run(lambda: tf.identity(value))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return total // local if total.dtype.is_integer else total / local
+
+
+def broadcast_text(strategy, text: Optional[str], chief: bool) -> str:
+    """The chief's ``text`` on every worker (a collective: every worker must call it)."""
+    import numpy as np
+    import tensorflow as tf
+
+    data = np.zeros(_PATH_BYTES, np.int32)
+    if chief:
+        raw = (text or "").encode("utf-8")
+        if len(raw) > _PATH_BYTES:
+            raise UserError(f"run folder path longer than {_PATH_BYTES} bytes: {text[:80]}...")
+        data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    total = _allreduce_sum(strategy, tf.constant(data)).numpy()
+    return bytes(total[total > 0].astype(np.uint8).tolist()).decode("utf-8")
+
+
+def any_worker(strategy, flag: bool) -> bool:
+    """True on every worker when ``flag`` is true on at least one (collective under multi-worker)."""
+    import tensorflow as tf
+
+    if not is_multi_worker(strategy):
+        return bool(flag)
+    return int(_allreduce_sum(strategy, tf.constant(int(bool(flag)), tf.int32)).numpy()) > 0
+
+
+def agree_run_dir(strategy, run_dir: Path, chief: bool) -> Path:
+    """Every worker gets the chief's run folder (identity without multi-worker training)."""
+    if not is_multi_worker(strategy):
+        return Path(run_dir)
+    return Path(broadcast_text(strategy, str(run_dir), chief))
+
+
+def worker_dir(run_dir: Path, chief: bool, carry: Sequence[str] = ("ckpt/state.json", "ckpt/best_weights.h5")
+               ) -> Path:
+    """Where this process saves: the run folder on the chief; on the other workers a new temporary folder
+    (removed by ``release_worker_dir``, or at exit) that starts with copies of the chief's ``carry`` files
+    -- the training state of a resumed run -- so early stopping and the best weights follow the chief's."""
+    if chief:
+        return Path(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="islkeras-worker-"))
+    atexit.register(shutil.rmtree, str(tmp), True)
+    for rel in carry:
+        src = Path(run_dir) / rel
+        if src.is_file():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / rel)
+    return tmp
+
+
+def release_worker_dir(path: Path, chief: bool) -> None:
+    """Remove a worker's temporary folder (nothing on the chief)."""
+    if not chief:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sync_callbacks(strategy, control=None) -> list:
+    """A Keras callback keeping workers in step where their decisions could differ (multi-worker only):
+
+    * after every epoch, training stops on every worker when it stops on one (``max_minutes`` is measured
+      by each worker's own clock, and a worker that stopped alone would leave the others waiting);
+    * with ``control.lr_schedule == "cosine"`` and a time budget, the chief's learning rates are used by
+      every worker before each step (the schedule reads the wall clock too).
+
+    Put it right after ``TrainingControl`` (``control``) in the callback list: ``[callback]``, or ``[]``
+    without multi-worker training."""
+    if not is_multi_worker(strategy):
+        return []
+    import tensorflow as tf
+
+    chief = is_chief(strategy)
+
+    class SyncWorkers(tf.keras.callbacks.Callback):
+        def _opts(self):
+            opts = [self.model.optimizer, getattr(self.model, "d_optimizer", None)]
+            return [o for o in opts if o is not None]
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if control is None or control.lr_schedule != "cosine" or not control.max_seconds:
+                return
+            opts = self._opts()
+            lrs = tf.constant([float(tf.keras.backend.get_value(o.learning_rate)) if chief else 0.0
+                               for o in opts], tf.float32)
+            agreed = _allreduce_sum(strategy, lrs).numpy()
+            for o, v in zip(opts, agreed):
+                o.learning_rate.assign(float(v))
+
+        def on_epoch_end(self, epoch, logs=None):
+            stop = any_worker(strategy, bool(self.model.stop_training))
+            if stop and not self.model.stop_training and control is not None:
+                control.summary.setdefault("stopped", "max_minutes")  # another worker's clock ran out
+            self.model.stop_training = stop
+
+    return [SyncWorkers()]
