@@ -147,10 +147,11 @@ def normalize_padded(model, image: np.ndarray, hp: int, wp: int) -> np.ndarray:
     h, w, c = image.shape
     if h < hp - h + 1 or w < wp - w + 1:
         raise DataError(f"image of {h} x {w} pixels is too small to pad to {hp} x {wp}")
-    x = np.empty((hp, wp, c), np.float32)
+    off_sc = model.offset_scale(image) if hasattr(model, "offset_scale") else None  # before the buffer:
+    x = np.empty((hp, wp, c), np.float32)  # the statistics' temporaries are freed before it is allocated
     core = x[:h, :w]
-    if hasattr(model, "offset_scale"):
-        off, sc = model.offset_scale(image)
+    if off_sc is not None:
+        off, sc = off_sc
         core[...] = image
         core -= np.asarray(off, np.float32)
         core /= np.asarray(sc, np.float32)
