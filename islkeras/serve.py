@@ -152,11 +152,15 @@ class InputSpec:
 class ModelVersion:
     """One ``BASE/<name>/<version>/`` folder; the SavedModel loads once, on first use (thread-safe)."""
 
+    RETRY_S = 10.0  #: a failed load is not retried sooner (a flood of requests must not reload it each time)
+
     def __init__(self, name: str, version: int, path: Path):
         self.name, self.version, self.path = name, version, path
         self._lock = threading.Lock()
         self._model = None
+        self.loading = False
         self.error: Optional[str] = None
+        self._failed_at = 0.0
         self.sigdefs: dict = {}
         self.specs: dict[str, InputSpec] = {}
 
@@ -175,17 +179,33 @@ class ModelVersion:
             return self._model
         with self._lock:
             if self._model is None:
+                if self.error and time.monotonic() - self._failed_at < self.RETRY_S:
+                    raise self._load_error()
+                self.loading = True
                 try:
                     model = self._load()
                     sigdefs = read_signature_defs(self.path)
                     specs = {s: InputSpec.from_sigdef(s, sigdefs[s]) for s in CALLABLE_SIGNATURES if s in sigdefs}
                 except Exception as e:  # noqa: BLE001 -- reported as the version's status and a 500
-                    self.error = f"{type(e).__name__}: {e}"
-                    raise HTTPError(500, f"model {self.name} version {self.version} ({self.path}) failed to load: "
-                                         f"{self.error}") from None
+                    self.error, self._failed_at = f"{type(e).__name__}: {str(e)[:1000]}", time.monotonic()
+                    sys.stderr.write(f"islkeras serve: loading {self.path} failed: {self.error}\n")
+                    raise self._load_error() from None
+                finally:
+                    self.loading = False
                 self.sigdefs, self.specs, self.error = sigdefs, specs, None
                 self._model = model
         return self._model
+
+    def _load_error(self) -> HTTPError:
+        return HTTPError(500, f"model {self.name} version {self.version} failed to load: {self.error}")
+
+    def load_in_background(self) -> None:
+        def load():
+            with contextlib.suppress(HTTPError):  # the failure is kept in self.error (status "END")
+                self.get()
+
+        if self._model is None and not self.loading and not self._lock.locked():
+            threading.Thread(target=load, daemon=True, name=f"load-{self.name}-{self.version}").start()
 
 
 class ModelRepository:
@@ -200,7 +220,7 @@ class ModelRepository:
         self.rescan_s = rescan_s
         self._lock = threading.Lock()
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        self._scanned = 0.0
+        self._scanned = -1e9
         self.refresh(force=True)
 
     @staticmethod
@@ -226,8 +246,9 @@ class ModelRepository:
         return found
 
     def refresh(self, force: bool = False) -> None:
+        """Rescan the base folder if the last scan is older than ``rescan_s`` (``force``: 0.2 s)."""
         now = time.monotonic()
-        if not force and now - self._scanned < self.rescan_s:
+        if now - self._scanned < (0.2 if force else self.rescan_s):
             return
         found = self._scan()
         with self._lock:
@@ -256,9 +277,18 @@ class ModelRepository:
         return vs
 
     def get(self, name: str, version: Optional[int] = None) -> ModelVersion:
+        """A version (default: the newest; while a newer version found by a rescan is still loading, in the
+        background, the newest loaded one keeps answering)."""
         vs = self.versions(name)
         if version is None:
-            return vs[max(vs)]
+            newest = vs[max(vs)]
+            if newest.loaded:
+                return newest
+            ready = [mv for v, mv in sorted(vs.items()) if mv.loaded]
+            if not ready:
+                return newest
+            newest.load_in_background()
+            return ready[-1]
         if version not in vs:
             self.refresh(force=True)
             vs = self.versions(name)
@@ -639,6 +669,8 @@ class ServingApp:
     def _version_status(mv: ModelVersion) -> dict:
         if mv.loaded:
             state, code, msg = "AVAILABLE", "OK", ""
+        elif mv.loading:
+            state, code, msg = "LOADING", "OK", ""
         elif mv.error:
             state, code, msg = "END", "UNKNOWN", mv.error
         else:

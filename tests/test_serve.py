@@ -335,16 +335,42 @@ def test_concurrent_clients_all_correct(server, direct):
 
 
 def test_new_version_is_picked_up(server, model_base, direct):
+    """A version exported while serving is found by the rescan and loaded in the background; requests
+    meanwhile keep being answered (by the newest loaded version)."""
     shutil.copytree(model_base / "other" / "1", model_base / "other" / "5")
     try:
         x = _images(7, (1, 40, 40, 1))
+        want = direct[("isl", 1)].predict_raw(x)
+        deadline, states = time.monotonic() + 60, {}
+        while states.get("5") != "AVAILABLE":
+            assert time.monotonic() < deadline, states
+            status, reply = server.json("POST", "/v1/models/other:predict", {"instances": x.tolist()})
+            assert status == 200, reply
+            assert np.max(np.abs(np.asarray(reply["predictions"], np.float32) - want)) < 1e-5
+            status, reply = server.json("GET", "/v1/models/other")
+            states = {s["version"]: s["state"] for s in reply["model_version_status"]}
+            time.sleep(0.2)
+        assert list(states) == ["5", "1"]
         status, reply = server.json("POST", "/v1/models/other/versions/5:predict", {"instances": x.tolist()})
-        assert status == 200, reply
-        assert np.max(np.abs(np.asarray(reply["predictions"], np.float32) - direct[("isl", 1)].predict_raw(x))) < 1e-5
-        status, reply = server.json("GET", "/v1/models/other")
-        assert [s["version"] for s in reply["model_version_status"]] == ["5", "1"]
+        assert status == 200 and np.max(np.abs(np.asarray(reply["predictions"], np.float32) - want)) < 1e-5
     finally:
         shutil.rmtree(model_base / "other" / "5")
+
+
+def test_broken_version_is_500_and_others_keep_working(server, model_base):
+    broken = model_base / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"not a protobuf")
+    try:
+        for _ in range(2):  # the second time from the remembered failure, without reloading
+            status, reply = server.json("POST", "/v1/models/broken:predict", {"instances": GOOD_ROW})
+            assert status == 500 and "broken version 1 failed to load" in reply["error"], reply
+            _good(server)
+        status, reply = server.json("GET", "/v1/models/broken")
+        assert reply["model_version_status"][0]["state"] == "END"
+        assert reply["model_version_status"][0]["status"]["error_message"]
+    finally:
+        shutil.rmtree(broken.parent)
 
 
 # ---------------------------------------------------------------------------------- in-process server
