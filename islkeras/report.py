@@ -252,7 +252,8 @@ def to_markdown(table, splits: Sequence[str]) -> str:
 @click.option("--split", "splits", multiple=True, default=("val", "test"), show_default=True,
               help="Split(s) to compare (repeatable).")
 @click.option("--evaluate-missing/--no-evaluate-missing", default=True, show_default=True,
-              help="Run `islkeras evaluate` (whole fields) for runs/splits without evaluate/<split>/metrics.csv.")
+              help="Run `islkeras evaluate` (whole fields, no mask Jaccard) for runs/splits without "
+                   "evaluate/<split>/metrics.csv (written into the run folder).")
 def report_command(run_dirs, out_dir, splits, evaluate_missing):
     """Compare runs side by side: PCC mean +- std per split and channel (CSV + Markdown) and a box plot.
 

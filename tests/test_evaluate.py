@@ -108,3 +108,18 @@ def test_crops_are_deterministic_and_cli(eval_run, tmp_path):
     np.testing.assert_allclose(again["pcc"], df["pcc"], atol=1e-9)
     res = CliRunner().invoke(cli, ["evaluate", str(eval_run), "--split", "nope"])
     assert res.exit_code == 1 and "split 'nope'" in res.output
+
+
+def test_report_evaluates_missing_split(eval_run, whole_df, tmp_path):
+    from click.testing import CliRunner
+
+    from islkeras.cli import cli
+
+    assert not (eval_run / "evaluate" / "val").exists()
+    res = CliRunner().invoke(cli, ["report", str(eval_run), "--split", "val", "--split", "test",
+                                   "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    t = pd.read_csv(tmp_path / "rep" / "report.csv")
+    assert len(t) == 1 and t.loc[0, "n_val"] == 1 and t.loc[0, "n_test"] == 2
+    assert t.loc[0, "pcc_mean_test"] == pytest.approx(whole_df["pcc"].mean())
+    assert (eval_run / "evaluate" / "val" / "metrics.csv").is_file()
