@@ -4,7 +4,9 @@
    calling the same SavedModel in-process (``ExportedModel.predict_raw``): p50/p95 for
    * ``json_row``: ``:predict`` with ``{"instances": ...}``, the body encoded once beforehand (the client's
      encoding is reported separately), timed until the whole reply is received;
-   * ``json_row_decoded``: the same plus the client's ``json.loads`` + ``np.asarray`` of the reply;
+   * ``json_row_decoded``: the same plus the client's ``json.loads`` + ``np.asarray`` of the reply (in this
+     process, where TensorFlow's spinning threads slow it down; ``client_json_ms_in_a_process_without_tf``
+     gives a plain client's encode/decode cost);
    * ``tiff``: ``:predict_tiff`` with the field's TIFF bytes (one 512 tile, same network call);
    and the server's own stage times (``Server-Timing``: parse, queue, model, encode). The three are
    interleaved per repetition so they see the same machine load; ``ratio_p50_paired`` is the median of
@@ -94,6 +96,29 @@ def start_server(base: Path, log: Path):
     raise RuntimeError(f"server not ready:\n{log.read_text()}")
 
 
+_CLIENT_COST = """
+import json, sys, time, numpy as np
+x = np.load(sys.argv[1]); reply = open(sys.argv[2], "rb").read()
+enc, dec = [], []
+for _ in range(5):
+    t = time.perf_counter(); json.dumps({"instances": x.tolist()}).encode(); enc.append(time.perf_counter() - t)
+    t = time.perf_counter(); np.asarray(json.loads(reply)["predictions"], np.float32); dec.append(time.perf_counter() - t)
+print(json.dumps({"encode_request": round(float(np.median(enc)) * 1000, 1),
+                  "decode_reply": round(float(np.median(dec)) * 1000, 1)}))
+"""
+
+
+def client_json_costs(x: np.ndarray, reply: bytes) -> dict:
+    """A client's JSON encode/decode time, measured in a fresh process without TensorFlow (in this one, TF's
+    spinning worker threads slow pure-Python work down several times right after a model call)."""
+    with tempfile.TemporaryDirectory() as d:
+        np.save(Path(d) / "x.npy", x)
+        (Path(d) / "reply.json").write_bytes(reply)
+        out = subprocess.run([sys.executable, "-c", _CLIENT_COST, str(Path(d) / "x.npy"), str(Path(d) / "reply.json")],
+                             capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def post(conn, path: str, body: bytes, ctype: str = "application/json"):
     conn.request("POST", path, body=body, headers={"Content-Type": ctype})
     resp = conn.getresponse()
@@ -145,6 +170,7 @@ def main():
         result["max_abs_diff_json_vs_in_process"] = float(np.max(np.abs(got - want)))
         got = tifffile.imread(io.BytesIO(tdata))
         result["max_abs_diff_tiff_vs_in_process"] = float(np.max(np.abs(got.reshape(want.shape) - want)))
+        result["client_json_ms_in_a_process_without_tf"] = client_json_costs(x, data)
         result["request_bytes"] = {"json": len(body), "tiff": len(tiff)}
         result["reply_bytes"] = {"json": len(data), "tiff": len(tdata)}
 

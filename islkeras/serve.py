@@ -149,6 +149,11 @@ class InputSpec:
 
 
 # ------------------------------------------------------------------------------------------------ models
+def _is_version(text: str) -> bool:
+    """A TF Serving version folder / URL part: ASCII digits only (``str.isdigit`` also accepts "²")."""
+    return text.isascii() and text.isdigit()
+
+
 class ModelVersion:
     """One ``BASE/<name>/<version>/`` folder; the SavedModel loads once, on first use (thread-safe)."""
 
@@ -228,7 +233,7 @@ class ModelRepository:
         out = {}
         with contextlib.suppress(OSError):
             for p in d.iterdir():
-                if p.name.isdigit() and (p / "saved_model.pb").is_file():
+                if _is_version(p.name) and (p / "saved_model.pb").is_file():
                     out[int(p.name)] = p
         return out
 
@@ -634,7 +639,7 @@ class ServingApp:
                                  f"/v1/models/{name}/versions/<v> or the newest version")
         version = None
         if m["version"] is not None:
-            if not m["version"].isdigit():
+            if not _is_version(m["version"]):
                 raise bad_request(f"version {m['version']!r}: expected a non-negative integer")
             version = int(m["version"])
         if method == "GET":

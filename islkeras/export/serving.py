@@ -30,7 +30,7 @@ def existing_versions(model_dir: Union[str, Path]) -> list[int]:
     d = Path(model_dir)
     if not d.is_dir():
         return []
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
 
 
 def next_version(model_dir: Union[str, Path]) -> int:
