@@ -65,11 +65,9 @@ def demo_command(workdir: Path, config_path, fields: int, size: int, epochs):
     step("fit", ["fit", run_cfg])
     run = _newest_run(workdir / "runs", cfg["name"])
     step("evaluate", ["evaluate", run, "--split", "test"])
-    test_fields = sorted((workdir / "data").glob("field_*"))
     from islkeras.data.records import read_manifest
 
     manifest = read_manifest(workdir / "records")
-    names = [f["name"] for f in manifest["fields"] if f["split"] == "test"]
-    inputs = [p for p in test_fields if p.name in names] or test_fields[:2]
+    inputs = sorted({workdir / "data" / f["field"] for f in manifest["fields"].values() if f["split"] == "test"})
     step("predict", ["predict", run, *inputs, "--out", workdir / "predictions"])
     click.echo(f"\ndemo done in {(time.time() - t0) / 60:.1f} min: run {run}, predictions {workdir / 'predictions'}")
