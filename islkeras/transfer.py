@@ -441,11 +441,9 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
                           jit_compile=t.jit_compile)
             model.optimizer.build(model.trainable_variables)
         info = model.transfer_info
-        train_ds = make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=keep)
-        # a subset of fields may leave a worker's files empty: shard it by DATA (n_shards 0)
-        n_all = len([f for f in manifest["fields"].values() if f["split"] == "train"])
-        train_ds = D.distribute_dataset(train_ds, strategy,
-                                        len(shard_paths(cfg, manifest, "train")) if len(keep) == n_all else 0)
+        mine = D.file_shard_fields(manifest, "train", strategy, keep)  # multi-worker: records of this worker's shards
+        train_ds = make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep)
+        train_ds = D.distribute_dataset(train_ds, strategy, 0, sharded_by_file=bool(mine))  # else by DATA
         val_ds = D.distribute_dataset(
             make_dataset(cfg, "val", training=False, manifest=manifest, targets=[mask],
                          batch_size=strategy.num_replicas_in_sync),  # one image per replica

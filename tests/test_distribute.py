@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -275,6 +276,8 @@ def test_multiworker_l1_resume_and_pix2pix_only_chief_writes(synth, tmp_path):
     first = _launch(synth, tmp_path, [{"set": l1, "exit_after_epoch": 1}], ports, "crash")
     for code, r, log in first:
         assert code == 3 and r.get("exited_after_epoch") == 1, f"exit {code}: {r.get('error', '')}\n{log[-3000:]}"
+    for d in (tmp_path / "tmp").glob("islkeras-worker-*"):  # a crash skips the clean-up, like kill -9
+        shutil.rmtree(d)
     ports = _free_ports(2)
     second = _launch(synth, tmp_path, [{"set": l1, "resume": True}, {"set": p2p}], ports, "resume")
     for code, r, log in second:

@@ -147,6 +147,17 @@ def num_workers(strategy) -> int:
     return int(strategy.extended._num_workers)
 
 
+def worker_index(strategy) -> int:
+    """This worker's place in the cluster: 0 for the chief, then the workers in order (0 alone)."""
+    if not is_multi_worker(strategy):
+        return 0
+    tc = parse_tf_config()
+    ttype, index = tc["task"]["type"], tc["task"]["index"]
+    if ttype == "chief":
+        return 0
+    return index + (1 if "chief" in tc["cluster"] else 0)
+
+
 # ------------------------------------------------------------------------------------------ devices
 def configure_logical_cpus(n: int, exact: bool = False) -> list[str]:
     """Split the physical CPU into ``n`` logical devices (``/cpu:0`` ... ``/cpu:n-1``); returns their names.
@@ -309,12 +320,34 @@ def check_batch_size(batch_size: int, strategy) -> None:
                           f"{n} replicas of the strategy ({describe(strategy)})")
 
 
-def distribute_dataset(ds, strategy, n_shards: int, training: bool = True):
+def file_shard_fields(manifest: dict, split: str, strategy, fields: Optional[Sequence[str]] = None
+                      ) -> Optional[list[str]]:
+    """Sharding by file for the *training* pipeline, done here: the records (of ``fields``, default the
+    whole split) in this worker's TFRecord shards -- shards ``i, i + W, ...`` of the shards holding them --
+    when there are at least as many such shards as workers; ``None`` otherwise (single worker, or too few
+    shards: then ``DATA`` sharding). Pass the result as ``make_dataset(fields=...)`` and
+    ``sharded_by_file=True`` to ``distribute_dataset``.
+
+    TensorFlow's own ``FILE`` auto-shard policy cannot shard the training pipeline: its random crops are
+    keyed by a ``Dataset.enumerate`` counter, a source that is not a file."""
+    if not is_multi_worker(strategy):
+        return None
+    wanted = set(fields) if fields is not None else {n for n, f in manifest["fields"].items() if f["split"] == split}
+    shards = [s for s in manifest["shards"] if s["split"] == split and wanted & set(s.get("records", []))]
+    w = num_workers(strategy)
+    if len(shards) < w:
+        return None
+    mine = shards[worker_index(strategy)::w]
+    return sorted(wanted & {r for s in mine for r in s["records"]})
+
+
+def distribute_dataset(ds, strategy, n_shards: int, training: bool = True, sharded_by_file: bool = False):
     """``ds`` prepared for ``strategy``; Keras ``fit`` then distributes it (every step takes one *global*
     batch, split over the replicas).
 
     * Multi-worker: auto-shard policy ``FILE`` when there are at least as many TFRecord shards as workers,
-      else ``DATA`` (``shard_policy``). Single-worker strategies need no sharding (``OFF``).
+      else ``DATA`` (``shard_policy``); ``OFF`` when the dataset was already sharded by file
+      (``file_shard_fields``). Single-worker strategies need no sharding (``OFF``).
     * Evaluation sets on several CPU replicas (``empty_batches_unsafe``): every batch is cut to a multiple
       of the number of replicas (only the last, partial batch changes: at most ``replicas - 1`` crops of a
       pass are left out) and sharded by ``DATA`` (by ``FILE`` workers could run out of batches at different
@@ -324,7 +357,9 @@ def distribute_dataset(ds, strategy, n_shards: int, training: bool = True):
 
     P = tf.data.experimental.AutoShardPolicy
     opts = tf.data.Options()
-    policy = shard_policy(n_shards, num_workers(strategy)) if is_multi_worker(strategy) else P.OFF
+    policy = P.OFF
+    if is_multi_worker(strategy) and not sharded_by_file:
+        policy = shard_policy(n_shards, num_workers(strategy))
     if not training and empty_batches_unsafe(strategy):
         n = strategy.num_replicas_in_sync
 

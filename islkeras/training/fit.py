@@ -190,8 +190,9 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     with _precision(t.mixed_precision):
         with strategy.scope():
             model, generator = build_training_model(cfg, n_in, n_out)
-        train_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest), strategy,
-                                        len(shard_paths(cfg, manifest, "train")))
+        mine = D.file_shard_fields(manifest, "train", strategy)  # multi-worker: this worker's shards' records
+        train_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest, fields=mine),
+                                        strategy, len(shard_paths(cfg, manifest, "train")), sharded_by_file=bool(mine))
         val_ds = D.distribute_dataset(make_dataset(cfg, "val", training=False, manifest=manifest), strategy,
                                       len(shard_paths(cfg, manifest, "val")), training=False) if has_val else None
 
