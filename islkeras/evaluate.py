@@ -262,8 +262,9 @@ def summary_lines(df) -> list[str]:
         def fmt(s):
             return "n/a" if s["mean"] is None else f"{s['mean']:.3f} +- {s['std']:.3f} (n={s['n']})"
 
-        out.append(f"{ch}: PCC {fmt(a)}; non-empty {fmt(ne)}; empty {fmt(e)}; "
-                   f"SSIM {sub['ssim'].mean():.3f}, PSNR {M.summary_stats(sub['psnr'])['mean'] or float('nan'):.2f} dB")
+        ps = M.summary_stats(sub["psnr"])["mean"]
+        out.append(f"{ch}: PCC {fmt(a)}; non-empty {fmt(ne)}; empty {fmt(e)}; SSIM {sub['ssim'].mean():.3f}, "
+                   f"PSNR {'n/a' if ps is None else f'{ps:.2f}'} dB")
     return out
 
 

@@ -19,6 +19,12 @@ and the REST server call it; it knows nothing about files):
    ``y = y_norm * scale + offset`` with the training set's target constants), or left as probabilities for
    segmentation models.
 
+How close is tiled to one-pass prediction? Tiles see less context than a whole-field pass, and the blending
+hides that at tile borders. With a DenseNet121 U-Net trained on aiseg (1024^2 field): tile 512 / overlap
+64 gives mean |tiled - one-pass| = 0.1% of the prediction's std (max 29%, on single pixels of nuclei cut by
+a tile border), tile 256 / overlap 64 0.45% (max 1.9 std); PCC against the target is unchanged to the
+third decimal. Larger tiles are closer and faster; overlap beyond the network's useful context buys little.
+
 Memory: the normalised field (``H*W*C_in`` float32) plus the accumulator (``H*W*C_out`` float32) plus one
 batch of tiles' activations -- it grows with the image's own bytes, not with whole-field activations.
 
