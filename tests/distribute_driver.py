@@ -4,12 +4,13 @@
     Splits the CPU into two logical devices, then (1) one-replica vs two-replica equivalence of a few SGD
     steps for each training mode (l1 through compile/fit, pix2pix and perceptual through their custom
     train steps; BatchNorm-free toy networks, see ``equivalence``), (2) ``fit`` of the plain U-Net (with
-    BatchNorm) under ``mirrored`` into a run folder, (3) ``run_transfer`` under ``mirrored`` from that
-    run. Results go to OUT_JSON.
+    BatchNorm) under ``mirrored`` into a run folder. Results go to OUT_JSON. (``transfer`` with two
+    replicas runs in the multi-worker test.)
 
 ``python tests/distribute_driver.py worker CONFIG OUT_JSON JOBS_JSON``
     One worker of a multi-worker cluster (``TF_CONFIG`` set by the caller): runs the ``fit`` jobs of
-    JOBS_JSON (``[{"set": {...}, "resume": bool, "exit_after_epoch": k}]``) in order. ``exit_after_epoch``
+    JOBS_JSON (``[{"set": {...}, "resume": bool, "exit_after_epoch": k}]``; ``{"transfer": true, "set": {...},
+    "isl_from_job": i}`` runs ``run_transfer`` from the run of job i) in order. ``exit_after_epoch``
     ends the process (exit code 3) right after the checkpoint of that epoch, as a crash would.
 """
 from __future__ import annotations
@@ -128,7 +129,6 @@ def mirrored_main(config, out_path):
         res["t_equivalence"] = time.time() - t0
 
         from islkeras.training.fit import fit
-        from islkeras.transfer import run_transfer
 
         base = json.loads(Path(out_path).with_suffix(".sets.json").read_text())
         sets = dict(base, **{"training.strategy": "mirrored", "training.devices": devices})
@@ -136,11 +136,6 @@ def mirrored_main(config, out_path):
         s = fit(_cfg(config, dict(sets, name="mirrored_l1")), verbose=0)
         res["fit"] = s
         res["t_fit"] = time.time() - t1
-        t1 = time.time()
-        tcfg = _cfg(config, dict(sets, name="mirrored_transfer", **{"transfer.isl_run": s["run_dir"]}))
-        tdir = run_transfer(tcfg, evaluate=False, verbose=0)
-        res["transfer"] = json.loads((Path(tdir) / "summary.json").read_text())
-        res["t_transfer"] = time.time() - t1
         res["ok"] = True
     except BaseException:  # report everything to the test
         res["error"] = traceback.format_exc()
@@ -167,6 +162,12 @@ def worker_main(config, out_path, jobs_path):
                         os._exit(3)
 
                 tf.keras.callbacks.BackupAndRestore.on_epoch_end = on_epoch_end
+            if job.get("transfer"):  # from the ISL run of an earlier job
+                from islkeras.transfer import run_transfer
+
+                sets = dict(job["set"], **{"transfer.isl_run": res["jobs"][job["isl_from_job"]]["run_dir"]})
+                res["jobs"].append({"run_dir": str(run_transfer(_cfg(config, sets), verbose=0))})
+                continue
             s = fit(_cfg(config, job["set"]), resume=LATEST if job.get("resume") else None, verbose=0)
             res["jobs"].append(s)
         res["ok"] = True
