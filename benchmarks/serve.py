@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -255,6 +256,7 @@ def main():
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
     result["load_average_at_end"] = [round(v, 1) for v in os.getloadavg()]
     text = json.dumps(result, indent=2)
     print(text)
