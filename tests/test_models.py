@@ -39,24 +39,28 @@ def test_plain_unet_shapes_and_float32_output_under_mixed_precision():
         tf.keras.mixed_precision.set_global_policy(old)
 
 
-def test_densenet121_unet_random_init_and_local_encoder_file(tmp_path):
-    """The thesis generator: DenseNet121 U-Net; a local weights file gets a learned 1x1 input adapter."""
+def test_densenet121_unet_random_init():
+    """The thesis generator: DenseNet121 U-Net, any number of inputs and outputs, float32 output."""
     tf.keras.utils.set_random_seed(1)
     cfg = ModelConfig(architecture="unet_sm", backbone="densenet121", encoder_weights=None)
-    net3 = build_generator(cfg, n_inputs=3, n_outputs=2)
-    out = net3(np.zeros((1, 64, 64, 3), np.float32))
+    net = build_generator(cfg, n_inputs=1, n_outputs=2)
+    out = net(np.zeros((1, 64, 64, 1), np.float32))
     assert out.shape == (1, 64, 64, 2) and out.dtype == tf.float32
-    assert "input_adapter" not in [l.name for l in net3.layers]
-    path = tmp_path / "densenet_unet.h5"
-    net3.save_weights(str(path))
+    assert "input_adapter" not in [l.name for l in net.layers]  # random init takes the inputs directly
+    assert any(l.name.startswith("conv5_block16") for l in net.layers)  # DenseNet121's last dense block
 
-    cfg_file = ModelConfig(architecture="unet_sm", backbone="densenet121", encoder_weights=str(path))
-    net1 = build_generator(cfg_file, n_inputs=1, n_outputs=2)
-    assert "input_adapter" in [l.name for l in net1.layers]
-    assert net1(np.zeros((1, 64, 64, 1), np.float32)).shape == (1, 64, 64, 2)
-    inner = [l for l in net1.layers if isinstance(l, tf.keras.Model)][0]
-    np.testing.assert_array_equal(inner.get_layer("conv1/conv").get_weights()[0],
-                                  net3.get_layer("conv1/conv").get_weights()[0])
+
+def test_local_encoder_file_gets_a_learned_input_adapter(tmp_path):
+    """A weights file (like ImageNet's) is for 3 channels: other inputs go through a learned 1x1 adapter."""
+    tf.keras.utils.set_random_seed(1)
+    net3 = build_generator(ModelConfig(backbone="resnet18", encoder_weights=None), n_inputs=3, n_outputs=1)
+    path = tmp_path / "resnet18_unet.h5"
+    net3.save_weights(str(path))
+    net2 = build_generator(ModelConfig(backbone="resnet18", encoder_weights=str(path)), n_inputs=2, n_outputs=1)
+    assert "input_adapter" in [l.name for l in net2.layers]
+    assert net2(np.zeros((1, 64, 64, 2), np.float32)).shape == (1, 64, 64, 1)
+    inner = [l for l in net2.layers if isinstance(l, tf.keras.Model)][0]
+    np.testing.assert_array_equal(inner.get_layer("conv0").get_weights()[0], net3.get_layer("conv0").get_weights()[0])
 
 
 def test_unknown_backbone_and_missing_weights_file():

@@ -92,6 +92,11 @@ class TrainingControl(tf.keras.callbacks.Callback):
         self._epoch = 0
         self._warned = False
         self.summary: dict = {}
+        # the batch hook only sets the learning rate: no need for Keras to sync the logs to numpy every step
+        self._supports_tf_logs = True
+
+    def _implements_train_batch_hooks(self):
+        return self.lr_schedule == "cosine"
 
     # ------------------------------------------------------------------ state
     def elapsed(self) -> float:
@@ -321,3 +326,70 @@ class EpochTensorBoard(tf.keras.callbacks.Callback):
         for w in self._writers.values():
             w.close()
         self._writers = {}
+
+
+class BatchNormRecalibration(tf.keras.callbacks.Callback):
+    """Re-estimate the generator's BatchNorm moving statistics before every validation ("precise BN").
+
+    With a small batch, a randomly initialised encoder and a high learning rate, the moving averages
+    (momentum 0.99) lag far behind the weights: a DenseNet121 U-Net that correlates at 0.5-0.7 in
+    training mode correlated at ~0.01 in inference mode after 250 steps on aiseg-nuclei, and 0.60-0.75
+    once its statistics were re-estimated on 20 training batches. So before each validation (and after
+    each epoch when there is none) the generator runs forward in training mode on ``steps`` batches of
+    ``dataset`` (no gradients): the first batch replaces the statistics (momentum 0), the others are
+    averaged in with momentum ``momentum``. The weights saved as "best" and exported thus hold
+    statistics that match them. ``strategy.run`` makes it work under any distribution strategy.
+    """
+
+    def __init__(self, generator, dataset, steps: int = 20, momentum: float = 0.9, strategy=None):
+        super().__init__()
+        self.generator = generator
+        self.dataset = dataset
+        self.steps = int(steps)
+        self.momentum = float(momentum)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.bns = [l for l in generator.submodules if isinstance(l, tf.keras.layers.BatchNormalization)]
+        self._iter = None
+        self._fns: dict = {}
+        self._validating = False
+
+    def _fn(self, momentum: float):
+        """A tf.function running the generator in training mode with every BN's momentum set to ``momentum``
+        (BatchNormalization reads its momentum when traced, so each value gets its own function)."""
+        if momentum not in self._fns:
+            gen, strategy = self.generator, self.strategy
+
+            @tf.function
+            def step(x):
+                strategy.run(lambda xx: gen(xx, training=True), args=(x,))
+
+            self._fns[momentum] = step
+        return self._fns[momentum]
+
+    def recalibrate(self):
+        if not self.bns or self.steps < 1:
+            return
+        if self._iter is None:
+            self._iter = iter(self.dataset)
+        saved = [l.momentum for l in self.bns]
+        try:
+            for k in range(self.steps):
+                m = 0.0 if k == 0 else self.momentum
+                for l in self.bns:
+                    l.momentum = m
+                x = next(self._iter)[0]
+                self._fn(m)(x)
+        finally:
+            for l, m in zip(self.bns, saved):
+                l.momentum = m
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._validating = False
+
+    def on_test_begin(self, logs=None):  # fit's validation passes fit's callbacks to evaluate
+        self._validating = True
+        self.recalibrate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._validating:
+            self.recalibrate()

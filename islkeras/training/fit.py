@@ -26,6 +26,7 @@ import click
 from islkeras.errors import ConfigError, DataError, UserError
 
 LATEST = "__latest__"
+BN_RECALIBRATION_STEPS = 20  #: training batches that re-estimate BatchNorm statistics before validation
 
 
 # ----------------------------------------------------------------------------------------- strategy
@@ -170,7 +171,7 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     from islkeras.data.records import ensure_records, shard_paths
     from islkeras.export.savedmodel import export_savedmodel
     from islkeras.training import distribute as D
-    from islkeras.training.callbacks import EpochTensorBoard, HistoryCSV, TrainingControl
+    from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
     from islkeras.utils import atomic_write_json
 
     t = cfg.training
@@ -212,7 +213,11 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
             patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
             lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
             max_minutes=t.max_minutes, start_time=start, chief=True)
+        # BatchNorm statistics re-estimated before each validation (and so before "best" is saved)
+        recal_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest, fields=mine),
+                                        strategy, len(shard_paths(cfg, manifest, "train")), sharded_by_file=bool(mine))
         callbacks = [
+            BatchNormRecalibration(generator, recal_ds, steps=BN_RECALIBRATION_STEPS, strategy=strategy),
             control,
             *D.sync_callbacks(strategy, control),
             HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
