@@ -272,7 +272,9 @@ def test_multiworker_l1_resume_pix2pix_transfer_only_chief_writes(synth, tmp_pat
     runs = tmp_path / "runs"
     common = {"training.runs_dir": str(runs), "training.strategy": "multiworker"}
     l1 = dict(common, name="mw_l1")
-    p2p = dict(common, name="mw_pix2pix", **{"loss.kind": "pix2pix"})
+    # cosine schedule with a time budget: the workers use the chief's learning rates (sync_callbacks)
+    p2p = dict(common, name="mw_pix2pix", **{"loss.kind": "pix2pix", "training.lr_schedule": "cosine",
+                                               "training.max_minutes": 600})
     ports = _free_ports(2)
     first = _launch(synth, tmp_path, [{"set": l1, "exit_after_epoch": 1}], ports, "crash")
     for code, r, log in first:
@@ -296,7 +298,10 @@ def test_multiworker_l1_resume_pix2pix_transfer_only_chief_writes(synth, tmp_pat
         assert s["epochs"] == 2 and s["savedmodel"] == str(run / "savedmodel")
         assert (run / "savedmodel" / "saved_model.pb").is_file() and (run / "summary.json").is_file()
         assert not list(run.rglob("workertemp*")) and not (run / "ckpt" / "backup").exists()
-    assert "g_loss" in (Path(chief[1]["run_dir"]) / "history.csv").read_text().splitlines()[0]
+    p2p_rows = (Path(chief[1]["run_dir"]) / "history.csv").read_text().splitlines()
+    assert "g_loss" in p2p_rows[0]
+    lr = p2p_rows[0].split(",").index("lr")
+    assert float(p2p_rows[2].split(",")[lr]) < float(p2p_rows[1].split(",")[lr])  # annealed
     ts = json.loads((Path(chief[2]["run_dir"]) / "summary.json").read_text())
     assert ts["kind"] == "segmentation" and ts["epochs"] == 2 and ts["init"] == "all_but_head"
     assert (Path(chief[2]["run_dir"]) / "savedmodel" / "saved_model.pb").is_file() and "test_iou" in ts
