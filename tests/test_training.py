@@ -359,3 +359,30 @@ def test_cli_offline_imagenet_is_one_line(small_base, monkeypatch):
     assert lines == ["Error: ImageNet weights for resnet18 could not be downloaded; use encoder_weights: null or a "
                      "local file"], res.output
     assert "Traceback" not in res.output
+
+
+THESIS = ["hoechst_perceptual", "hoechst_l1", "hoechst_pix2pix", "dapi_l1", "dapi_pix2pix", "dapi_perceptual",
+          "cy5_perceptual", "cellcycle_l1", "cellcycle_pix2pix", "cellcycle_perceptual", "unet_dapi_l1"]
+
+
+@pytest.mark.parametrize("name", THESIS)
+def test_thesis_configs_load_and_missing_data_is_clear(name, tmp_path, monkeypatch):
+    from islkeras.training.fit import fit
+
+    monkeypatch.setenv("ISLKERAS_THESIS_DATA", str(tmp_path / "not_here"))
+    cfg = load_config(PROJECT / "experiments" / f"{name}.json")
+    assert cfg.name == name and cfg.training.batch_size == 8 and cfg.pipeline.crop_size == 512
+    assert cfg.model.architecture == ("unet" if name.startswith("unet_") else "unet_sm")
+    if cfg.model.architecture == "unet_sm":
+        assert cfg.model.backbone == "densenet121" and cfg.model.encoder_weights == "imagenet"
+    if name.startswith("cellcycle"):
+        assert cfg.data.targets == ["cy3", "gfp"]
+    with pytest.raises(DataError, match="data.root: no such folder .*not_here"):
+        fit(cfg, verbose=0)
+
+
+@pytest.mark.parametrize("kind", ["l1", "pix2pix", "perceptual"])
+def test_aiseg_configs_are_cpu_sized(kind):
+    cfg = load_config(PROJECT / "experiments" / f"aiseg_nuclei_{kind}.json")
+    assert cfg.loss.kind == kind and cfg.model.encoder_weights is None and cfg.pipeline.crop_size == 256
+    assert cfg.training.max_minutes == 15 and cfg.training.early_stopping.monitor == "val_pcc"

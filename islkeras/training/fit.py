@@ -199,6 +199,11 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
 
         if chief:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resuming:
+                with contextlib.suppress(UserError):
+                    if R.load_run_config(run_dir).hash() != cfg.hash():
+                        click.echo(f"islkeras fit: warning: the config differs from the one {run_dir} was started "
+                                   f"with; continuing with the new one", err=True)
             R.save_run_config(cfg, run_dir)
         es = t.early_stopping
         monitor = es.monitor if es else "val_pcc"
