@@ -6,11 +6,14 @@ trained twice, interleaved ``--repeats`` times:
 * ``fit_path``: records -> ``make_dataset(cfg, "train", training=True)`` (decode, random crops, per-field
   normalisation, augmentation, shuffle, prefetch) -> ``model.fit`` with the callbacks ``islkeras fit``
   uses (learning-rate schedule/best-weights control, history.csv, TensorBoard scalars, BackupAndRestore);
-* ``bare``: ``model.fit(x, y, batch_size=B)`` on numpy arrays of crops taken from that pipeline
-  beforehand, no callbacks.
+* ``bare``: ``model.fit`` on the same crops held in memory (taken from that pipeline beforehand:
+  ``Dataset.from_tensor_slices(arrays).batch(B).repeat()``), no callbacks.
 
 Each run is ``1 + --epochs`` epochs of ``--steps`` steps; the first epoch (tracing, warm-up) is not
-timed. Reported: median steps/s of each path and ``ratio = bare / fit_path`` (1.0 = no overhead).
+timed. Reported: median steps/s of the training steps of each path and ``ratio = bare / fit_path``
+(1.0 = no overhead), and apart from it the seconds spent at each epoch's end (``epoch_end_s``: for the
+fit path the checkpoint, history, TensorBoard and the BatchNorm re-estimation that precedes validation;
+validation itself is not run).
 
     python benchmarks/train_step.py                                  # aiseg_nuclei_l1 as configured
     python benchmarks/train_step.py --kinds l1 --steps 30 --out bench.json
@@ -45,22 +48,37 @@ def parse():
     return p.parse_args()
 
 
-class EpochTimer:
-    def __init__(self):
-        import tensorflow as tf
+def make_timers():
+    """(head, tail) callbacks: head (first in the list) times the training steps of each epoch, from
+    on_epoch_begin to the last on_train_batch_end; tail (last) marks when every on_epoch_end has run, so
+    the per-epoch work (checkpoint, history, BatchNorm recalibration) is measured apart from the steps."""
+    import tensorflow as tf
 
-        class _T(tf.keras.callbacks.Callback):
-            def __init__(s):
-                super().__init__()
-                s.times = []
+    class Head(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self._supports_tf_logs = True  # no per-step sync to numpy caused by the timer itself
+            self.steps, self.last = [], None
 
-            def on_epoch_begin(s, epoch, logs=None):
-                s.t0 = time.perf_counter()
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
 
-            def on_epoch_end(s, epoch, logs=None):
-                s.times.append(time.perf_counter() - s.t0)
+        def on_train_batch_end(self, batch, logs=None):
+            self.last = time.perf_counter()
 
-        self.cb = _T()
+        def on_epoch_end(self, epoch, logs=None):
+            self.steps.append(self.last - self.t0)
+
+    class Tail(tf.keras.callbacks.Callback):
+        def __init__(self, head):
+            super().__init__()
+            self.head, self.epoch_end = head, []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_end.append(time.perf_counter() - self.head.last)
+
+    head = Head()
+    return head, Tail(head)
 
 
 def main():
@@ -71,8 +89,8 @@ def main():
     from islkeras.config import load_config, parse_set_option
     from islkeras.data.pipeline import make_dataset
     from islkeras.data.records import ensure_records
-    from islkeras.training.callbacks import EpochTensorBoard, HistoryCSV, TrainingControl
-    from islkeras.training.fit import build_training_model
+    from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
+    from islkeras.training.fit import BN_RECALIBRATION_STEPS, build_training_model
 
     base_sets = parse_set_option(args.sets)
     result = {"config": args.config, "sets": base_sets, "steps": args.steps, "epochs": args.epochs,
@@ -94,34 +112,41 @@ def main():
             xs.append(x.numpy()), ys.append(y.numpy())
         X, Y = np.concatenate(xs), np.concatenate(ys)
 
-        def run(path: str) -> float:
+        def run(path: str):
             tf.keras.backend.clear_session()
             tf.keras.utils.set_random_seed(t.seed)
             model, gen = build_training_model(cfg, n_in, n_out)
-            timer = EpochTimer().cb
+            head, tail = make_timers()
             if path == "bare":
-                model.fit(X, Y, batch_size=t.batch_size, epochs=total, shuffle=False, verbose=0, callbacks=[timer])
+                mem = tf.data.Dataset.from_tensor_slices((X, Y)).batch(t.batch_size, drop_remainder=True)
+                model.fit(mem.repeat().prefetch(2), steps_per_epoch=steps, epochs=total, verbose=0,
+                          callbacks=[head, tail])
             else:
                 d = Path(tempfile.mkdtemp(dir=tmp))
                 ds = make_dataset(cfg, "train", training=True, manifest=manifest)
-                cbs = [TrainingControl(gen, d / "ckpt" / "state.json", d / "ckpt" / "best_weights.h5",
+                recal = make_dataset(cfg, "train", training=True, manifest=manifest)
+                cbs = [BatchNormRecalibration(gen, recal, steps=BN_RECALIBRATION_STEPS),
+                       TrainingControl(gen, d / "ckpt" / "state.json", d / "ckpt" / "best_weights.h5",
                                        epochs=total, steps_per_epoch=steps, monitor="loss",
                                        lr_schedule=t.lr_schedule, max_minutes=None),
                        HistoryCSV(d / "history.csv"), EpochTensorBoard(d / "tb"),
                        tf.keras.callbacks.BackupAndRestore(str(d / "ckpt" / "backup"))]
-                model.fit(ds, steps_per_epoch=steps, epochs=total, verbose=0, callbacks=[timer, *cbs])
-            return steps * args.epochs / sum(timer.times[1:])
+                model.fit(ds, steps_per_epoch=steps, epochs=total, verbose=0, callbacks=[head, *cbs, tail])
+            return steps * args.epochs / sum(head.steps[1:]), statistics.mean(tail.epoch_end[1:])
 
         sps = {"fit_path": [], "bare": []}
+        epoch_end = {"fit_path": [], "bare": []}
         for r in range(args.repeats):
             for path in (("fit_path", "bare") if r % 2 == 0 else ("bare", "fit_path")):
-                sps[path].append(run(path))
-                print(f"{kind:10s} {path:8s} {sps[path][-1]:.3f} steps/s", file=sys.stderr, flush=True)
+                v, e = run(path)
+                sps[path].append(v), epoch_end[path].append(e)
+                print(f"{kind:10s} {path:8s} {v:.3f} steps/s, {e:.2f} s per epoch end", file=sys.stderr, flush=True)
         fit_sps, bare_sps = statistics.median(sps["fit_path"]), statistics.median(sps["bare"])
         result["kinds"][kind] = {
             "fit_path_steps_per_s": round(fit_sps, 4), "bare_steps_per_s": round(bare_sps, 4),
             "ratio_bare_over_fit_path": round(bare_sps / fit_sps, 3),
             "all": {k: [round(v, 4) for v in vs] for k, vs in sps.items()},
+            "epoch_end_s": {k: round(statistics.median(v), 2) for k, v in epoch_end.items()},
             "batch_size": t.batch_size, "crop_size": cfg.pipeline.crop_size,
             "model": cfg.model.architecture + (f"/{cfg.model.backbone}" if cfg.model.architecture == "unet_sm" else ""),
         }
