@@ -38,10 +38,12 @@ class LazyGroup(click.Group):
         mod, attr = target.split(":")
         try:
             return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:  # a subcommand that is not built yet
-            @click.command(name, help=f"{COMMANDS[name][1]} (unavailable: {e})")
+        except ImportError as e:  # e.g. a missing optional dependency
+            reason = f"{type(e).__name__}: {e}"
+
+            @click.command(name, help=f"{COMMANDS[name][1]} (unavailable: {reason})")
             def unavailable():
-                raise click.ClickException(f"islkeras {name} is unavailable: {e}")
+                raise click.ClickException(f"islkeras {name} is unavailable: {reason}")
             return unavailable
 
     def format_commands(self, ctx, formatter):

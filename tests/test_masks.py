@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from islkeras.masks import (
     write_masks,
 )
 from islkeras.metrics_seg import average_precision, iou_binary
-from islkeras.utils import shared_data_dir
 
 CI = os.environ.get("CI", "").lower() == "true"
 
@@ -33,21 +31,6 @@ DSB_SMALL = [
     "00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
     "003cee89357d9fe13516167fd67b609a164651b21934585648c740d2c3d86dc1",
 ]
-
-
-def _data_dir() -> Path:
-    d = shared_data_dir()
-    if not d.is_dir():
-        msg = f"shared data not found at {d} (set ISLKERAS_DATA)"
-        if CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    return _data_dir()
 
 
 def _require_cellpose():
@@ -298,10 +281,10 @@ def test_find_training_pairs_layouts(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def trained_cellpose_model(tmp_path_factory):
+def trained_cellpose_model(tmp_path_factory, data_dir):
     """A cellpose model trained from scratch (2 epochs, 2 dsb2018 images) through the CLI, once per session."""
     _require_cellpose()
-    data = _data_dir() / "dsb2018-nuclei"
+    data = data_dir / "dsb2018-nuclei"
     root = tmp_path_factory.mktemp("cellpose")
     src = root / "train set"
     for i in DSB_SMALL:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +14,7 @@ from islkeras.metrics_seg import (
     mask_jaccard_from_fluorescence,
     pixel_accuracy,
 )
-from islkeras.utils import shared_data_dir
 
-
-def _data_dir() -> Path:
-    d = shared_data_dir()
-    if not d.is_dir():
-        msg = f"shared data not found at {d} (set ISLKERAS_DATA)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
 
 
 def _cellpose_metrics():
@@ -149,10 +138,10 @@ def test_input_validation():
 
 
 @pytest.mark.data
-def test_ap_on_stardist_mask_shifted():
+def test_ap_on_stardist_mask_shifted(stardist_dir):
     import tifffile
 
-    m = tifffile.imread(_data_dir() / "stardist-nuclei" / "mask2d.tif")
+    m = tifffile.imread(stardist_dir / "mask2d.tif")
     assert average_precision(m, m).ap == 1.0  # 125 nuclei with ids up to 183: gaps are harmless
     r = average_precision(m, np.roll(m, 3, axis=1))
     assert r.n_true == 125 and 0.8 < r.ap < 1.0
@@ -161,14 +150,14 @@ def test_ap_on_stardist_mask_shifted():
 @pytest.mark.data
 @pytest.mark.cellpose
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_matches_cellpose_average_precision_on_renumbered_labels():
+def test_matches_cellpose_average_precision_on_renumbered_labels(stardist_dir):
     import tifffile
     from skimage.segmentation import relabel_sequential
 
     from islkeras.masks import segment_classical
 
     metrics = _cellpose_metrics()
-    d = _data_dir() / "stardist-nuclei"
+    d = stardist_dir
     true = tifffile.imread(d / "mask2d.tif")
     preds = [segment_classical(tifffile.imread(d / "img2d.tif")), np.roll(true, 3, axis=1),
              np.roll(true, (4, -2), axis=(0, 1)), np.zeros_like(true)]
