@@ -231,8 +231,11 @@ def test_field_smaller_than_crop_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def aiseg(aiseg_dir, tmp_path_factory, experiments_dir):
     out = tmp_path_factory.mktemp("aiseg_pipe")
+    # the tests below check per-field z-scoring: pin it (the shipped config may choose another method)
     cfg = load_config(experiments_dir / "aiseg_nuclei_l1.json",
-                      overrides={"data.records": str(out), "data.root": str(aiseg_dir)})
+                      overrides={"data.records": str(out), "data.root": str(aiseg_dir),
+                                 "pipeline.normalization": "zscore", "pipeline.crop_size": 256,
+                                 "training.batch_size": 4})
     return cfg, records.convert(cfg, workers=2)
 
 
