@@ -142,8 +142,11 @@ class TransferConfig:
     isl_run: Optional[str] = None  #: ISL run folder or SavedModel; null trains from scratch
     mask_channel: str = "mask"
     train_fields: Optional[int] = None  #: use only the first N train fields, sorted by name (null = all)
-    init: Literal["all_but_head", "all"] = "all_but_head"
+    init: Literal["all_calibrated", "all_but_head", "all"] = "all_calibrated"  #: see islkeras.transfer
     threshold: float = 0.5
+    calibration_slope: float = 2.0  #: all_calibrated: head logit = slope * (predicted z-score - t)
+    freeze_batchnorm: bool = False  #: ISL-initialised runs keep the ISL BatchNorm statistics (frozen)
+    isl_learning_rate: Optional[float] = None  #: learning rate of ISL-initialised runs (null: training.learning_rate)
     # few-image experiment (islkeras.transfer_experiment): set sweep_train_fields to run it
     sweep_train_fields: Optional[list[int]] = None  #: e.g. [1, 3, 18]: ISL-initialised vs scratch per N
     compare_scratch: bool = True  #: in a sweep, also train every N from scratch
@@ -375,6 +378,8 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{src}: transfer.train_fields must be >= 1 or null (all), got {tr.train_fields}")
         if tr.sweep_train_fields is not None and (not tr.sweep_train_fields or min(tr.sweep_train_fields) < 1):
             raise ConfigError(f"{src}: transfer.sweep_train_fields must be a non-empty list of integers >= 1")
+        if tr.isl_learning_rate is not None and tr.isl_learning_rate <= 0:
+            raise ConfigError(f"{src}: transfer.isl_learning_rate must be > 0 or null")
         if not 0.0 < tr.threshold < 1.0:
             raise ConfigError(f"{src}: transfer.threshold must be between 0 and 1, got {tr.threshold}")
     w = cfg.model.encoder_weights

@@ -13,16 +13,33 @@ exporter saves the Keras generator), a fresh segmentation model of the same arch
 weights are copied layer by layer -- layers are paired in order (nested models flattened) and must agree
 in class and weight shapes, otherwise the transfer stops before training with the first mismatch.
 
-* ``all_but_head`` (default): every layer except the head (the last weight-carrying layer, the 1x1
-  ``final_conv``) is copied; the head starts from its usual random initialisation. The ISL head maps the
-  decoder's features to a *normalised intensity* (z-score units, so background is about 0 and nuclei are a
-  few units above); put behind a sigmoid this is a probability map whose 0.5 level sits at the mean
-  intensity, i.e. at the background, so almost the whole field starts as "nucleus". A fresh head starts near
-  0.5 everywhere with no bias for either class and learns the threshold from the few annotated pixels,
-  while the features it reads are the ISL features. This is the thesis's choice (section 4.1) too.
-* ``all``: the head is copied as well and re-activated with the sigmoid ("all with the head
-  re-activated"): the network starts as ``sigmoid(predicted normalised fluorescence)``. Kept for
-  comparison (``--set transfer.init=all``).
+* ``all_calibrated`` (the default; "all layers, head re-activated"): every layer is copied, the head too,
+  and the head is re-activated for the sigmoid. The ISL head outputs the predicted *normalised*
+  fluorescence ``z`` (z-score units of the nuclei channel); a nucleus mask is, to a first approximation,
+  ``z > t`` for some level ``t``. The head is rescaled to ``logit = slope * (z - t)``
+  (``W' = slope * W``, ``b' = slope * (b - t)``, ``transfer.calibration_slope``) with ``t`` chosen on the
+  annotated train fields (the level whose ``z > t`` has the best mean IoU with their masks). So training
+  starts from "thresholded ISL prediction", which already segments nuclei of every kind the ISL model saw
+  in its (unannotated, 18-field) training data, and the few masks only correct it. Why: the head is the
+  one layer whose *meaning* is known (nuclear intensity), so throwing it away (``all_but_head``) discards
+  the most task-relevant part of the pretext model; on aiseg-nuclei with one annotated field it gave
+  clearly higher test IoU than ``all_but_head`` (see docs/transfer_results.md).
+* ``all``: the head copied and re-activated as is, i.e. ``sigmoid(z)``: the 0.5 level sits at ``z = 0``
+  (the field's mean intensity, i.e. the background), so the start is "everything a little brighter than
+  average is a nucleus" and small updates flip whole backgrounds; kept for comparison only.
+* ``all_but_head``: every layer but the head (the last weight-carrying layer, the 1x1 ``final_conv``),
+  which starts from its random initialisation; the thesis's classic fine-tuning.
+
+``transfer.isl_learning_rate`` (ISL-initialised runs only; default ``training.learning_rate``): fine-tuning
+rate. Adam moves every weight by about the learning rate per step whatever its gradient, so the rate that
+trains a random network in a few hundred steps (1e-3) also scrambles pretrained filters in the first
+steps; a lower rate keeps them.
+
+``transfer.freeze_batchnorm`` (ISL-initialised runs only): BatchNormalization layers keep the ISL model's
+moving statistics and run in inference mode while fine-tuning. With one annotated field the batch
+statistics come from crops of a single field; letting the moving averages drift to them made the model
+fail on every other field (val IoU collapsed in the first epoch), freezing them keeps the statistics of
+all the ISL training fields. Scratch runs have no statistics to keep and always train BatchNorm.
 
 Normalisation must be the ISL model's (the features were learnt on it): ``pipeline.normalization`` and
 ``pipeline.percentiles`` are taken from the ISL SavedModel's metadata, and with an ISL run the ``model``
@@ -193,7 +210,7 @@ def copy_isl_weights(seg_model, isl_model, init: str = "all_but_head") -> dict:
         if type(a).__name__ != type(b).__name__ or (shapes_a != shapes_b and not head):
             raise UserError(f"transfer: layer {i} differs between the ISL model ({a.name}: {type(a).__name__} "
                             f"{shapes_a}) and the segmentation model ({b.name}: {type(b).__name__} {shapes_b})")
-        if head and (init != "all" or shapes_a != shapes_b):
+        if head and (init not in ("all", "all_calibrated") or shapes_a != shapes_b):
             skipped.append(b.name)
             continue
         b.set_weights(wa)
@@ -244,6 +261,59 @@ def build_segmentation_model(cfg, isl_savedmodel=None, n_inputs: Optional[int] =
     model.transfer_info = {"isl_run": str(isl.savedmodel), "init": init, **info}
     del isl_model
     return model
+
+
+def isl_predictions(isl: IslSource, fields, inputs) -> list:
+    """The ISL model's normalised prediction (z-score units) of each field's first target plane."""
+    from islkeras import predict as P
+    from islkeras.export.savedmodel import ExportedModel
+
+    m = ExportedModel(isl.savedmodel)
+    out = []
+    for f in fields:
+        image = np.concatenate([f.arrays[c] for c in inputs], axis=-1)
+        out.append(P.predict_field(m, image, output_scale=False)[..., 0])
+    return out
+
+
+def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slope: float = 2.0) -> dict:
+    """Re-activate a copied ISL head: ``logit = slope * (z - t)``, where ``z`` is the head's ISL output
+    (the predicted normalised fluorescence) and ``t`` the level that best separates nucleus from background
+    on the annotated train ``fields`` (max mean IoU of ``z > t`` vs the masks, on a grid of levels).
+
+    Only the head's kernel and bias change (``W' = slope * W``, ``b' = slope * (b - t)``), so at step 0 the
+    segmentation net is the thresholded ISL prediction. Returns ``{"t", "slope", "train_iou"}``.
+    """
+    from islkeras.metrics_seg import iou_binary
+
+    zs = isl_predictions(isl, fields, inputs)
+    masks = [f.arrays[mask_channel][..., 0] > 0 for f in fields]
+    # candidate levels: quantiles of the predictions from the median up (any normalisation's units)
+    sample = np.concatenate([z.ravel()[:: max(1, z.size // 200_000)] for z in zs])
+    levels = np.unique(np.quantile(sample, np.linspace(0.5, 0.9999, 150)).astype(np.float32))
+    scores = [np.mean([iou_binary(z > t, m) for z, m in zip(zs, masks)]) for t in levels]
+    best = int(np.argmax(scores))
+    t = float(levels[best])
+    head = weight_layers(model)[-1]
+    w = head.get_weights()
+    if len(w) != 2:
+        raise UserError(f"transfer.init all_calibrated: the head {head.name} has no bias to shift")
+    head.set_weights([w[0] * slope, (w[1] - t) * slope])
+    return {"t": t, "slope": float(slope), "train_iou": float(scores[best])}
+
+
+def freeze_batchnorm(model) -> int:
+    """Make every BatchNormalization layer non-trainable: Keras 2 then runs it in inference mode, with the
+    moving statistics it has (the ISL model's, gathered over all its training fields), during fine-tuning
+    too. Returns the number of layers frozen."""
+    import tensorflow as tf
+
+    n = 0
+    for lay in _flat_layers(model):
+        if isinstance(lay, tf.keras.layers.BatchNormalization):
+            lay.trainable = False
+            n += 1
+    return n
 
 
 # ------------------------------------------------------------------------------------ the val metric
@@ -394,8 +464,9 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     from islkeras.losses import JaccardDistance
     from islkeras.training import distribute as D
     from islkeras.training import run as R
-    from islkeras.training.callbacks import EpochTensorBoard, HistoryCSV, TrainingControl
-    from islkeras.training.fit import _check_data, _precision, export_meta, get_strategy, resolve_run_dir
+    from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
+    from islkeras.training.fit import (BN_RECALIBRATION_STEPS, _check_data, _precision, export_meta, get_strategy,
+                                       resolve_run_dir)
     from islkeras.utils import atomic_write_json
 
     cfg = prepare_transfer_config(cfg)
@@ -436,11 +507,23 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     with _precision(t.mixed_precision):
         with strategy.scope():
             model = build_segmentation_model(cfg, isl, n_inputs=n_in, n_outputs=n_out)
-            model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=t.learning_rate),
+            if isl is not None and tr.freeze_batchnorm:
+                model.transfer_info["frozen_batchnorm"] = freeze_batchnorm(model)
+            lr = tr.isl_learning_rate if (isl is not None and tr.isl_learning_rate) else t.learning_rate
+            model.transfer_info["learning_rate"] = lr
+            model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=lr),
                           loss=JaccardDistance(), metrics=segmentation_metrics(tr.threshold),
                           jit_compile=t.jit_compile)
             model.optimizer.build(model.trainable_variables)
         info = model.transfer_info
+        if isl is not None and tr.init == "all_calibrated":
+            from islkeras.data.records import load_fields
+
+            fields = [f for f in load_fields(cfg, "train", manifest=manifest,
+                                             channels=list(cfg.data.inputs) + [mask]) if f.name in set(keep)]
+            info["calibration"] = calibrate_head(model, isl, fields, cfg.data.inputs, mask, tr.calibration_slope)
+            click.echo(f"  head calibrated on {len(fields)} train field(s): z > {info['calibration']['t']:g} "
+                       f"(train IoU {info['calibration']['train_iou']:.3f})", err=True)
         mine = D.file_shard_fields(manifest, "train", strategy, keep)  # multi-worker: records of this worker's shards
         train_ds = make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep)
         train_ds = D.distribute_dataset(train_ds, strategy, 0, sharded_by_file=bool(mine))  # else by DATA
@@ -464,7 +547,13 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
             lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
             max_minutes=t.max_minutes, start_time=start, chief=True)
-        callbacks = [control, *D.sync_callbacks(strategy, control), HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
+        # as in `islkeras fit`: BatchNorm statistics re-estimated on training batches before each validation,
+        # so the best (and exported) weights carry statistics that match them (frozen BatchNorm: no-op)
+        recal_ds = D.distribute_dataset(
+            make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep),
+            strategy, 0, sharded_by_file=bool(mine))
+        callbacks = [BatchNormRecalibration(model, recal_ds, steps=BN_RECALIBRATION_STEPS, strategy=strategy),
+                     control, *D.sync_callbacks(strategy, control), HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
                      EpochTensorBoard(run_dir / "tb", chief=chief),
                      tf.keras.callbacks.BackupAndRestore(str(ckpt / "backup"))]
         if verbose is None:

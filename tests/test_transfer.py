@@ -125,7 +125,7 @@ def test_transfer_copies_isl_weights_all_but_head_and_all(isl_run, aiseg_dir):
 
     tmp, run_dir, isl_model = isl_run
     cfg = tiny_config(aiseg_dir, tmp)
-    seg = build_segmentation_model(cfg, run_dir)  # default init: all_but_head
+    seg = build_segmentation_model(cfg, run_dir, init="all_but_head")
     assert seg.layers[-1].get_config()["activation"] == "sigmoid"
     src, dst = weight_layers(isl_model), weight_layers(seg)
     assert [lay.name for lay in src] == [lay.name for lay in dst]
@@ -147,6 +147,24 @@ def test_transfer_copies_isl_weights_all_but_head_and_all(isl_run, aiseg_dir):
     scratch = build_segmentation_model(cfg, None)
     assert scratch.transfer_info["init"] == "scratch"
     assert not np.array_equal(weight_layers(scratch)[0].get_weights()[0], src[0].get_weights()[0])
+
+
+def test_all_calibrated_head_is_thresholded_isl_prediction(isl_run, aiseg_dir):
+    from islkeras.data.records import load_fields
+    from islkeras.metrics_seg import iou_binary
+    from islkeras.transfer import build_segmentation_model, calibrate_head, isl_predictions, resolve_isl
+
+    tmp, run_dir, isl_model = isl_run
+    cfg = tiny_config(aiseg_dir, tmp)
+    isl = resolve_isl(run_dir)
+    seg = build_segmentation_model(cfg, isl, init="all_calibrated")
+    fields = [f for f in load_fields(cfg, "train", channels=["brightfield", "mask"]) if f.name == "fov_001"]
+    cal = calibrate_head(seg, isl, fields, ["brightfield"], "mask", slope=3.0)
+    x = np.random.default_rng(0).normal(size=(1, 64, 64, 1)).astype(np.float32)
+    expected = 1 / (1 + np.exp(-3.0 * (isl_model(x).numpy() - cal["t"])))
+    np.testing.assert_allclose(seg(x).numpy(), expected, atol=1e-5)
+    z = isl_predictions(isl, fields, ["brightfield"])[0]
+    assert cal["train_iou"] == pytest.approx(iou_binary(z > cal["t"], fields[0].arrays["mask"][..., 0]))
 
 
 def test_transfer_copies_weights_segmentation_models_unet(tmp_path, aiseg_dir):
@@ -237,7 +255,8 @@ def test_run_transfer_end_to_end(isl_run, aiseg_dir):
     from islkeras.transfer import run_transfer, weight_layers
 
     tmp, run_dir, isl_model = isl_run
-    cfg = tiny_config(aiseg_dir, tmp, transfer={"isl_run": str(run_dir), "train_fields": 1})
+    cfg = tiny_config(aiseg_dir, tmp, transfer={"isl_run": str(run_dir), "train_fields": 1,
+                                                "init": "all_calibrated", "freeze_batchnorm": True})
     out = run_transfer(cfg, run_dir=tmp / "seg_run", verbose=0)
     for f in ("config.json", "history.csv", "metrics.csv", "summary.json", "transfer.json", "savedmodel"):
         assert (out / f).exists(), f
@@ -256,6 +275,12 @@ def test_run_transfer_end_to_end(isl_run, aiseg_dir):
     # it trained: the copied layers moved away from the ISL weights
     seg = tf.keras.models.load_model(str(out / "savedmodel"), compile=False)
     assert not np.allclose(weight_layers(seg)[0].get_weights()[0], weight_layers(isl_model)[0].get_weights()[0])
+    # ... except the frozen BatchNorm statistics, which are still the ISL model's
+    bn = [i for i, lay in enumerate(weight_layers(seg)) if isinstance(lay, tf.keras.layers.BatchNormalization)]
+    for a, b in zip(weight_layers(seg)[bn[0]].get_weights(), weight_layers(isl_model)[bn[0]].get_weights()):
+        np.testing.assert_array_equal(a, b)
+    info = json.loads((out / "transfer.json").read_text())
+    assert info["init"] == "all_calibrated" and "t" in info["calibration"] and info["frozen_batchnorm"] == len(bn)
     # serving returns probabilities
     from islkeras.export.savedmodel import ExportedModel
 
@@ -274,7 +299,7 @@ def test_sweep_experiment_tiny(isl_run, aiseg_dir):
     out = run_experiment(cfg, out_dir=tmp / "sweep")
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["train_fields"], r["init"]) for r in rows] == [("2", "isl:all_but_head"), ("2", "scratch")]
+    assert [(r["train_fields"], r["init"]) for r in rows] == [("2", "isl:all_calibrated"), ("2", "scratch")]
     assert {r["run"] for r in rows} == {"n02_isl", "n02_scratch"}
     md = (out / "results.md").read_text()
     assert "| 2 |" in md and "Wall time" in md and "fov_002" in md
