@@ -4,8 +4,8 @@
     Splits the CPU into two logical devices, then (1) one-replica vs two-replica equivalence of a few SGD
     steps for each training mode (l1 through compile/fit, pix2pix and perceptual through their custom
     train steps; BatchNorm-free toy networks, see ``equivalence``), (2) ``fit`` of the plain U-Net (with
-    BatchNorm) under ``mirrored`` into a run folder. Results go to OUT_JSON. (``transfer`` with two
-    replicas runs in the multi-worker test.)
+    BatchNorm) under ``mirrored`` into a run folder, (3) ``run_transfer`` under ``mirrored`` from that run.
+    Results go to OUT_JSON.
 
 ``python tests/distribute_driver.py worker CONFIG OUT_JSON JOBS_JSON``
     One worker of a multi-worker cluster (``TF_CONFIG`` set by the caller): runs the ``fit`` jobs of
@@ -129,6 +129,7 @@ def mirrored_main(config, out_path):
         res["t_equivalence"] = time.time() - t0
 
         from islkeras.training.fit import fit
+        from islkeras.transfer import run_transfer
 
         base = json.loads(Path(out_path).with_suffix(".sets.json").read_text())
         sets = dict(base, **{"training.strategy": "mirrored", "training.devices": devices})
@@ -136,6 +137,11 @@ def mirrored_main(config, out_path):
         s = fit(_cfg(config, dict(sets, name="mirrored_l1")), verbose=0)
         res["fit"] = s
         res["t_fit"] = time.time() - t1
+        t1 = time.time()
+        tcfg = _cfg(config, dict(sets, name="mirrored_transfer", **{"transfer.isl_run": s["run_dir"]}))
+        tdir = run_transfer(tcfg, evaluate=False, verbose=0)
+        res["transfer"] = json.loads((Path(tdir) / "summary.json").read_text())
+        res["t_transfer"] = time.time() - t1
         res["ok"] = True
     except BaseException:  # report everything to the test
         res["error"] = traceback.format_exc()

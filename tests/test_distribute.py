@@ -183,7 +183,7 @@ def test_mixed_bfloat16_fit_exports_float32(synth, tmp_path):
 # ------------------------------------------------------------------------ mirrored: 2 logical CPUs
 @pytest.fixture(scope="module")
 def mirrored(synth, tmp_path_factory):
-    """The mirrored driver (subprocess): equivalence of 1 vs 2 replicas, and fit on 2 logical CPUs."""
+    """The mirrored driver (subprocess): equivalence of 1 vs 2 replicas, fit and transfer on 2 logical CPUs."""
     out = tmp_path_factory.mktemp("mirrored") / "result.json"
     runs = out.parent / "runs"
     out.with_suffix(".sets.json").write_text(json.dumps({"training.runs_dir": str(runs)}))
@@ -210,14 +210,19 @@ def test_two_replicas_match_one_replica(mirrored, kind):
 
 
 @pytest.mark.slow
-def test_fit_under_mirrored(mirrored):
-    """The real path (records, plain U-Net with BatchNorm, callbacks, export) on 2 logical CPUs."""
+def test_fit_and_transfer_under_mirrored(mirrored):
+    """The real path (records, plain U-Net with BatchNorm, callbacks, export) on 2 logical CPUs; then
+    ``transfer`` from that run (validation: one image per replica)."""
     s = mirrored["fit"]
     run = Path(s["run_dir"])
     assert s["epochs"] == 2 and np.isfinite(s["best"]) and s["stopped"] == "epochs"
     assert (run / "savedmodel" / "saved_model.pb").is_file() and (run / "history.csv").is_file()
     rows = (run / "history.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_pcc" in rows[0]
+    t = mirrored["transfer"]
+    assert t["kind"] == "segmentation" and t["epochs"] == 2 and t["init"] != "scratch"
+    assert (Path(t["savedmodel"]) / "saved_model.pb").is_file()
+    assert "val_iou" in (Path(t["run_dir"]) / "history.csv").read_text().splitlines()[0]
 
 
 # ----------------------------------------------------------------------- multi-worker on loopback
@@ -234,7 +239,7 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _launch(synth, tmp, jobs, ports, tag, timeout=240):
+def _launch(synth, tmp, jobs, ports, tag, timeout=300):
     """Start the two workers of a loopback cluster with ``jobs``; wait; return their results."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     (tmp / f"{tag}.jobs.json").write_text(json.dumps(jobs))
@@ -265,9 +270,10 @@ def _launch(synth, tmp, jobs, ports, tag, timeout=240):
 
 
 @pytest.mark.slow
-def test_multiworker_l1_resume_pix2pix_transfer_only_chief_writes(synth, tmp_path):
-    """Two workers on loopback ports: l1 killed after epoch 1 on both and resumed, then pix2pix, then a
-    transfer from the l1 run; the run folders are the chief's only, the workers' temporary folders are gone."""
+def test_multiworker_l1_resume_and_pix2pix_only_chief_writes(synth, tmp_path):
+    """Two workers on loopback ports: l1 killed after epoch 1 on both and resumed, then pix2pix; the run
+    folders are the chief's only, the workers' temporary folders are gone. (``transfer`` goes through the
+    same machinery; it runs under ``mirrored`` above to keep this test short.)"""
     (tmp_path / "tmp").mkdir()
     runs = tmp_path / "runs"
     common = {"training.runs_dir": str(runs), "training.strategy": "multiworker"}
@@ -282,16 +288,14 @@ def test_multiworker_l1_resume_pix2pix_transfer_only_chief_writes(synth, tmp_pat
     for d in (tmp_path / "tmp").glob("islkeras-worker-*"):  # a crash skips the clean-up, like kill -9
         shutil.rmtree(d)
     ports = _free_ports(2)
-    transfer = {"transfer": True, "isl_from_job": 0, "set": dict(common, name="mw_transfer")}
-    second = _launch(synth, tmp_path, [{"set": l1, "resume": True}, {"set": p2p}, transfer], ports, "resume",
-                     timeout=420)
+    second = _launch(synth, tmp_path, [{"set": l1, "resume": True}, {"set": p2p}], ports, "resume", timeout=360)
     for code, r, log in second:
         assert code == 0 and r.get("ok"), f"exit {code}: {r.get('error', '')}\n{log[-3000:]}"
     chief = second[0][1]["jobs"]
     # only the chief's run folders exist: one per job, with every file the run folder should have
     assert sorted(p.relative_to(runs).as_posix() for p in runs.glob("*/*")) == sorted(
         Path(s["run_dir"]).relative_to(runs).as_posix() for s in chief)
-    for s, kind in zip(chief[:2], ("l1", "pix2pix")):
+    for s, kind in zip(chief, ("l1", "pix2pix")):
         run = Path(s["run_dir"])
         rows = (run / "history.csv").read_text().splitlines()
         assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"], rows
@@ -302,9 +306,6 @@ def test_multiworker_l1_resume_pix2pix_transfer_only_chief_writes(synth, tmp_pat
     assert "g_loss" in p2p_rows[0]
     lr = p2p_rows[0].split(",").index("lr")
     assert float(p2p_rows[2].split(",")[lr]) < float(p2p_rows[1].split(",")[lr])  # annealed
-    ts = json.loads((Path(chief[2]["run_dir"]) / "summary.json").read_text())
-    assert ts["kind"] == "segmentation" and ts["epochs"] == 2 and ts["init"] == "all_but_head"
-    assert (Path(chief[2]["run_dir"]) / "savedmodel" / "saved_model.pb").is_file() and "test_iou" in ts
     # the worker saw the same run folders but wrote nothing there; its temporary folders are removed
     assert [s["run_dir"] for s in second[1][1]["jobs"]] == [s["run_dir"] for s in chief]
     assert "savedmodel" not in second[1][1]["jobs"][0]
