@@ -8,7 +8,6 @@ temporary folders (BackupAndRestore does so itself).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional, Union
