@@ -24,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("ISLKERAS_NO_PROGRESS", "1")
-import islkeras  # noqa: E402,F401
+import islkeras  # noqa: E402,F401  (tf-keras before TensorFlow)
 
 
 def _cfg(config, overrides):
