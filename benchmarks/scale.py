@@ -97,6 +97,8 @@ def child(args) -> dict:
     t = cfg.training
     strategy = D.get_strategy(t)  # before any TensorFlow op
     D.check_batch_size(t.batch_size, strategy)
+    cfg = D.for_strategy(cfg, strategy)  # no XLA with several replicas
+    t = cfg.training
     import numpy as np
     import tensorflow as tf
 

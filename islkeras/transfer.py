@@ -473,6 +473,8 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     tr, t = cfg.transfer, cfg.training
     strategy = get_strategy(t)  # first: logical devices and multi-worker collectives need a fresh runtime
     D.check_batch_size(t.batch_size, strategy)
+    cfg = D.for_strategy(cfg, strategy)  # what this strategy cannot do is turned off, with a warning (XLA)
+    tr, t = cfg.transfer, cfg.training
     if run_dir is not None and (Path(run_dir) / R.SUMMARY_FILE).is_file():
         click.echo(f"{run_dir} has already finished: {R.summary_line(R.read_summary(run_dir))}", err=True)
         return Path(run_dir)

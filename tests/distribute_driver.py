@@ -132,7 +132,8 @@ def mirrored_main(config, out_path):
         from islkeras.transfer import run_transfer
 
         base = json.loads(Path(out_path).with_suffix(".sets.json").read_text())
-        sets = dict(base, **{"training.strategy": "mirrored", "training.devices": devices})
+        sets = dict(base, **{"training.strategy": "mirrored", "training.devices": devices,
+                             "training.jit_compile": True})  # turned off (XLA cannot, with 2 replicas)
         t1 = time.time()
         s = fit(_cfg(config, dict(sets, name="mirrored_l1")), verbose=0)
         res["fit"] = s

@@ -124,6 +124,15 @@ def test_strategy_config_errors(monkeypatch):
     assert D.resolve_kind(NS(strategy="auto", devices=None)) == "multiworker"
     s = D.get_strategy(NS(strategy="default", devices=None))
     assert D.describe(s).startswith("default") and D.num_workers(s) == 1
+    # XLA cannot compile a step over mirrored variables: turned off (on a copy) with several replicas
+    cfg = NS(training=NS(jit_compile=True))
+    warned = []
+    assert D.for_strategy(cfg, s, warned.append) is cfg and not warned
+    two = NS(num_replicas_in_sync=2)
+    out = D.for_strategy(cfg, two, warned.append)
+    assert out.training.jit_compile is False and cfg.training.jit_compile is True and "jit_compile" in warned[0]
+    with pytest.raises(ConfigError, match="multiple of the 2 replicas"):
+        D.check_batch_size(3, NS(num_replicas_in_sync=2, extended=NS(worker_devices=())))
 
 
 def test_shard_policy_by_file_only_when_every_worker_gets_a_file():
@@ -219,6 +228,7 @@ def test_fit_and_transfer_under_mirrored(mirrored):
     assert (run / "savedmodel" / "saved_model.pb").is_file() and (run / "history.csv").is_file()
     rows = (run / "history.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_pcc" in rows[0]
+    assert json.loads((run / "config.json").read_text())["training"]["jit_compile"] is False  # what ran
     t = mirrored["transfer"]
     assert t["kind"] == "segmentation" and t["epochs"] == 2 and t["init"] != "scratch"
     assert (Path(t["savedmodel"]) / "saved_model.pb").is_file()

@@ -37,7 +37,8 @@ Precision (``training.mixed_precision``, see ``precision``)
     U-Net's final activation, segmentation-models' wrapped by ``models.unet``, PatchGAN logits), losses are
     computed in float32, and with ``mixed_float16`` every optimizer is a ``LossScaleOptimizer``
     (``maybe_loss_scale``; ``compile`` does it for the generator's, ``Pix2Pix.compile`` for the
-    discriminator's). ``training.jit_compile`` passes ``jit_compile`` to ``compile`` (XLA).
+    discriminator's). ``training.jit_compile`` passes ``jit_compile`` to ``compile`` (XLA) -- with one replica only
+    (``for_strategy``).
 """
 from __future__ import annotations
 
@@ -310,6 +311,27 @@ def empty_batches_unsafe(strategy) -> bool:
     wrongly shaped result for an empty batch (TF 2.21), which the last, partial batch of an evaluation
     set gives some replicas when it is split over several CPU replicas."""
     return strategy.num_replicas_in_sync > 1 and cpu_replicas(strategy) and _onednn_enabled()
+
+
+def for_strategy(cfg, strategy, warn=None):
+    """``cfg`` as it can run under ``strategy`` (a changed copy, or ``cfg`` itself), with a warning for every
+    change: ``training.jit_compile`` is turned off with more than one replica -- Keras' XLA-compiled train
+    step cannot use variables mirrored on other devices (TensorFlow's XLA "tf.Variable on a different
+    device" limitation; Keras 3 disables XLA under tf.distribute for the same reason)."""
+    if cfg.training.jit_compile and strategy.num_replicas_in_sync > 1:
+        import copy
+
+        (warn or _warn)(f"training.jit_compile is turned off: XLA compilation does not work with the "
+                        f"{strategy.num_replicas_in_sync} replicas of {type(strategy).__name__}")
+        cfg = copy.deepcopy(cfg)
+        cfg.training.jit_compile = False
+    return cfg
+
+
+def _warn(msg: str) -> None:
+    import click
+
+    click.echo(f"islkeras: warning: {msg}", err=True)
 
 
 def check_batch_size(batch_size: int, strategy) -> None:

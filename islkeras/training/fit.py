@@ -177,6 +177,8 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     t = cfg.training
     strategy = get_strategy(t)  # first: logical devices and multi-worker collectives need a fresh runtime
     D.check_batch_size(t.batch_size, strategy)
+    cfg = D.for_strategy(cfg, strategy)  # what this strategy cannot do is turned off, with a warning (XLA)
+    t = cfg.training
     chief = D.is_chief(strategy)
     run_dir = D.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
     save_dir = D.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
