@@ -32,11 +32,18 @@ def exported(aiseg_dir, tmp_path_factory):
     return model, path, meta, field
 
 
+def _normalise(meta, raw):
+    """The run's normalisation of a whole field, in numpy (islkeras.data.normalize)."""
+    from islkeras.data.normalize import normalize_np, offset_scale_of_image
+
+    n = meta["normalization"]
+    off, sc = offset_scale_of_image(raw, n["method"], n["percentiles"], n.get("input_dataset"))
+    return normalize_np(raw, off, sc)
+
+
 def _reference(model, meta, raw):
-    """In-memory model on the field normalised in numpy (z-score of the whole field), back to intensities."""
-    x = raw.astype(np.float64)
-    x = ((x - x.mean()) / x.std()).astype(np.float32)
-    y = model(x[None], training=False).numpy()[0]
+    """In-memory model on the field normalised in numpy, mapped back to the target's intensities."""
+    y = model(_normalise(meta, raw)[None], training=False).numpy()[0]
     ts = meta["target_scale"]
     return y * np.float32(ts["scale"][0]) + np.float32(ts["offset"][0])
 
@@ -67,8 +74,7 @@ def test_export_signatures_match_in_memory_model_and_reload_fine_tunes(exported)
                                atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
 
     # the bare network: Keras reload and the `normalized` signature equal the in-memory model
-    x = raw32.astype(np.float64)
-    x = ((x - x.mean()) / x.std()).astype(np.float32)[None]
+    x = _normalise(meta, raw32)[None]
     mem = model(x, training=False).numpy()
     keras = tf.keras.models.load_model(str(path), compile=False)
     assert np.abs(keras(x, training=False).numpy() - mem).max() < 1e-5
