@@ -271,7 +271,14 @@ def fit_command(config, resume, run_dir, sets, data_root):
 
     The run folder holds the resolved config, history.csv, TensorBoard logs (tb/), checkpoints (ckpt/),
     the best generator as a SavedModel (savedmodel/) and summary.json. Interrupted runs continue with
-    --resume (or by re-running with the same --run-dir).
+    --resume (or by re-running with the same --run-dir). Records are converted first when missing or stale.
+
+    \b
+    Examples:
+      islkeras fit experiments/aiseg_nuclei_l1.json
+      islkeras fit experiments/aiseg_nuclei_l1.json --set training.epochs=5 --set loss.kind=l2
+      islkeras fit experiments/hoechst_perceptual.json --data-root /data/my_dic_stacks
+      islkeras fit experiments/aiseg_nuclei_l1.json --resume            # newest run of that name
     """
     from islkeras.config import load_config, parse_set_option
 
