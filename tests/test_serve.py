@@ -362,6 +362,10 @@ def test_broken_version_is_500_and_others_keep_working(server, model_base):
     broken.mkdir(parents=True)
     (broken / "saved_model.pb").write_bytes(b"not a protobuf")
     try:
+        # a new model folder is found by the next rescan (throttled); wait until the server knows it
+        deadline = time.monotonic() + 10
+        while server.json("GET", "/v1/models/broken")[0] == 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
         for _ in range(2):  # the second time from the remembered failure, without reloading
             status, reply = server.json("POST", "/v1/models/broken:predict", {"instances": GOOD_ROW})
             assert status == 500 and "broken version 1 failed to load" in reply["error"], reply
