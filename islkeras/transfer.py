@@ -65,13 +65,10 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
-import os
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import click
 import numpy as np
@@ -464,9 +461,8 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     from islkeras.losses import JaccardDistance
     from islkeras.training import distribute as D
     from islkeras.training import run as R
-    from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
-    from islkeras.training.fit import (BN_RECALIBRATION_STEPS, _check_data, _precision, export_meta, get_strategy,
-                                       resolve_run_dir)
+    from islkeras.training.fit import (_check_data, _precision, export_meta, get_strategy, keras_verbosity,
+                                       resolve_run_dir, training_callbacks)
     from islkeras.utils import atomic_write_json
 
     cfg = prepare_transfer_config(cfg)
@@ -541,25 +537,13 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
         if val_ds is None and monitor.startswith("val_"):
             monitor = monitor[4:]
         ckpt = run_dir / "ckpt"
-        # every worker saves its best weights (reading BatchNorm statistics is collective): workers into
-        # their temporary folder, so TrainingControl always writes there (chief=True)
-        control = TrainingControl(
-            model, save_dir / "ckpt" / "state.json", save_dir / "ckpt" / "best_weights.h5", epochs=t.epochs,
-            steps_per_epoch=t.steps_per_epoch, monitor=monitor, mode=es.mode if es else "auto",
-            patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
-            lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
-            max_minutes=t.max_minutes, start_time=start, chief=True)
-        # as in `islkeras fit`: BatchNorm statistics re-estimated on training batches before each validation,
-        # so the best (and exported) weights carry statistics that match them (frozen BatchNorm: no-op)
+        # as in `islkeras fit` (frozen BatchNorm: the re-estimation is a no-op)
         recal_ds = D.distribute_dataset(
             make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep),
             strategy, 0, sharded_by_file=bool(mine))
-        callbacks = [BatchNormRecalibration(model, recal_ds, steps=BN_RECALIBRATION_STEPS, strategy=strategy),
-                     control, *D.sync_callbacks(strategy, control), HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
-                     EpochTensorBoard(run_dir / "tb", chief=chief),
-                     tf.keras.callbacks.BackupAndRestore(str(ckpt / "backup"))]
-        if verbose is None:
-            verbose = 0 if os.environ.get("ISLKERAS_NO_PROGRESS") == "1" else (1 if sys.stdout.isatty() else 2)
+        control, callbacks = training_callbacks(t, model, run_dir, save_dir, monitor, start, strategy, chief,
+                                                recal_ds)
+        verbose = keras_verbosity(verbose)
         src = f"ISL {isl.savedmodel} ({info['init']}: {len(info['copied'])} layers copied)" if isl else "scratch"
         click.echo(f"islkeras transfer: {cfg.name} from {src}, {len(keep)} train field(s) -> {run_dir}"
                    + "".join(f"\n  note: {n}" for n in notes), err=True)

@@ -171,7 +171,6 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     from islkeras.data.records import ensure_records, shard_paths
     from islkeras.export.savedmodel import export_savedmodel
     from islkeras.training import distribute as D
-    from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
     from islkeras.utils import atomic_write_json
 
     t = cfg.training
@@ -212,27 +211,11 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
         if val_ds is None and monitor.startswith("val_"):
             monitor = monitor[4:]
         ckpt = run_dir / "ckpt"
-        # every worker saves its best weights (reading BatchNorm statistics is collective): workers into
-        # their temporary folder, so TrainingControl always writes there (chief=True)
-        control = TrainingControl(
-            generator, save_dir / "ckpt" / "state.json", save_dir / "ckpt" / "best_weights.h5", epochs=t.epochs,
-            steps_per_epoch=t.steps_per_epoch, monitor=monitor, mode=es.mode if es else "auto",
-            patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
-            lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
-            max_minutes=t.max_minutes, start_time=start, chief=True)
-        # BatchNorm statistics re-estimated before each validation (and so before "best" is saved)
         recal_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest, fields=mine),
                                         strategy, len(shard_paths(cfg, manifest, "train")), sharded_by_file=bool(mine))
-        callbacks = [
-            BatchNormRecalibration(generator, recal_ds, steps=BN_RECALIBRATION_STEPS, strategy=strategy),
-            control,
-            *D.sync_callbacks(strategy, control),
-            HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
-            EpochTensorBoard(run_dir / "tb", chief=chief),
-            tf.keras.callbacks.BackupAndRestore(str(ckpt / "backup")),
-        ]
-        if verbose is None:
-            verbose = 0 if os.environ.get("ISLKERAS_NO_PROGRESS") == "1" else (1 if sys.stdout.isatty() else 2)
+        control, callbacks = training_callbacks(t, generator, run_dir, save_dir, monitor, start, strategy, chief,
+                                                recal_ds)
+        verbose = keras_verbosity(verbose)
         click.echo(f"islkeras fit: {cfg.name} ({cfg.loss.kind}, {cfg.model.architecture}"
                    f"{'/' + cfg.model.backbone if cfg.model.architecture == 'unet_sm' else ''}) -> {run_dir}"
                    f"{' (resuming)' if resuming else ''}"
@@ -253,6 +236,48 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
         atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
         click.echo(R.summary_line(summary))
     return summary
+
+
+def keras_verbosity(verbose: Optional[int]) -> int:
+    """Keras' ``verbose``: a progress bar on a terminal, one line per epoch otherwise, none when asked."""
+    if verbose is not None:
+        return verbose
+    return 0 if os.environ.get("ISLKERAS_NO_PROGRESS") == "1" else (1 if sys.stdout.isatty() else 2)
+
+
+def training_callbacks(t, model, run_dir: Path, save_dir: Path, monitor: str, start: float, strategy, chief: bool,
+                       recal_ds):
+    """``(control, callbacks)`` shared by ``fit`` and ``transfer``.
+
+    ``TrainingControl`` (early stopping, best weights, LR schedule, time budget, resumable state), the
+    strategy's sync callbacks, ``history.csv``, TensorBoard scalars and ``BackupAndRestore``; BatchNorm
+    statistics of ``model`` are re-estimated on ``recal_ds`` before each validation, so the best (and
+    exported) weights carry statistics that match them.
+    """
+    import tensorflow as tf
+
+    from islkeras.training import distribute as D
+    from islkeras.training import run as R
+    from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
+
+    es = t.early_stopping
+    # every worker saves its best weights (reading BatchNorm statistics is collective): workers into
+    # their temporary folder, so TrainingControl always writes there (chief=True)
+    control = TrainingControl(
+        model, save_dir / "ckpt" / "state.json", save_dir / "ckpt" / "best_weights.h5", epochs=t.epochs,
+        steps_per_epoch=t.steps_per_epoch, monitor=monitor, mode=es.mode if es else "auto",
+        patience=es.patience if es else None, restore_best=es.restore_best_weights if es else False,
+        lr_schedule=t.lr_schedule, plateau_patience=max(2, (es.patience if es else 10) // 3),
+        max_minutes=t.max_minutes, start_time=start, chief=True)
+    callbacks = [
+        BatchNormRecalibration(model, recal_ds, steps=BN_RECALIBRATION_STEPS, strategy=strategy),
+        control,
+        *D.sync_callbacks(strategy, control),
+        HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
+        EpochTensorBoard(run_dir / "tb", chief=chief),
+        tf.keras.callbacks.BackupAndRestore(str(run_dir / "ckpt" / "backup")),
+    ]
+    return control, callbacks
 
 
 # ---------------------------------------------------------------------------------------------- CLI
