@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROJECT = Path(__file__).resolve().parents[1]
 CPU_CASES = ["default", "mirrored:/cpu:0", "mirrored:/cpu:0,/cpu:1", "default@mixed_bfloat16"]
@@ -214,10 +215,7 @@ def main(argv=None):
         "mirrored_all_gpus_vs_default": ratio("mirrored", "default"),
         "float16_vs_float32": ratio("default@mixed_float16", "default"),
     }.items() if v is not None}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("ISLKERAS_NO_PROGRESS", "1")
 
 import islkeras  # noqa: E402,F401  (tf-keras before TensorFlow)
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path)
 
 META = {"kind": "isl", "inputs": ["bf"], "targets": ["nuc"], "input_dtype": "uint8",
         "normalization": {"method": "zscore", "percentiles": [1, 99.8], "input_dataset": None},
@@ -258,10 +259,7 @@ def main():
             proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     result["load_average_at_end"] = [round(v, 1) for v in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out, indent=2)
 
 
 if __name__ == "__main__":

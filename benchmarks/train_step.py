@@ -22,7 +22,6 @@ validation itself is not run).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("ISLKERAS_NO_PROGRESS", "1")
 import islkeras  # noqa: E402,F401  (selects tf-keras)
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -151,10 +151,7 @@ def main():
             "model": cfg.model.architecture + (f"/{cfg.model.backbone}" if cfg.model.architecture == "unet_sm" else ""),
         }
     result["loadavg_after"] = os.getloadavg()[0]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out, indent=2)
 
 
 if __name__ == "__main__":
