@@ -17,8 +17,13 @@ in class and weight shapes, otherwise the transfer stops before training with th
   and the head is re-activated for the sigmoid. The ISL head outputs the predicted *normalised*
   fluorescence ``z`` (z-score units of the nuclei channel); a nucleus mask is, to a first approximation,
   ``z > t`` for some level ``t``. The head is rescaled to ``logit = slope * (z - t)``
-  (``W' = slope * W``, ``b' = slope * (b - t)``, ``transfer.calibration_slope``) with ``t`` chosen on the
-  annotated train fields (the level whose ``z > t`` has the best mean IoU with their masks). So training
+  (``W' = slope * W``, ``b' = slope * (b - t)``) with ``t`` chosen on the annotated train fields (the level
+  whose ``z > t`` has the best mean IoU with their masks) and ``slope`` fitted to the loss on them (lowest
+  soft Jaccard distance; ``transfer.calibration_slope`` fixes it instead). The fitted slope matters: the
+  units of ``z`` depend on the ISL normalisation, and a slope that is sharp for z-scores (background near
+  0, nuclei at 5-10) leaves percentile-scaled predictions (background 0.01, nuclei about 1) at p ~ 0.45
+  over the whole field -- a soft Jaccard distance of ~1 at step 0, from which a one-field run collapsed to
+  "no nucleus anywhere" (run 1 in docs/transfer_results.md). So training
   starts from "thresholded ISL prediction", which already segments nuclei of every kind the ISL model saw
   in its (unannotated, 18-field) training data, and the few masks only correct it. Why: the head is the
   one layer whose *meaning* is known (nuclear intensity), so throwing it away (``all_but_head``) discards
@@ -273,30 +278,67 @@ def isl_predictions(isl: IslSource, fields, inputs) -> list:
     return out
 
 
-def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slope: float = 2.0) -> dict:
-    """Re-activate a copied ISL head: ``logit = slope * (z - t)``, where ``z`` is the head's ISL output
-    (the predicted normalised fluorescence) and ``t`` the level that best separates nucleus from background
-    on the annotated train ``fields`` (max mean IoU of ``z > t`` vs the masks, on a grid of levels).
+def _soft_jaccard(p: np.ndarray, y: np.ndarray, smooth: float = 1.0) -> float:
+    """``islkeras.losses.jaccard_distance`` of one image, in numpy."""
+    inter = float((p * y).sum())
+    return 1.0 - (inter + smooth) / (float(y.sum()) + float(p.sum()) - inter + smooth)
 
-    Only the head's kernel and bias change (``W' = slope * W``, ``b' = slope * (b - t)``), so at step 0 the
-    segmentation net is the thresholded ISL prediction. Returns ``{"t", "slope", "train_iou"}``.
+
+def fit_calibration(zs: list, masks: list, slope: Optional[float] = None) -> dict:
+    """The head's operating point from the ISL predictions ``zs`` and the masks of the annotated fields.
+
+    ``t``: the level whose ``z > t`` has the best mean IoU with the masks (the metric; the middle of a
+    plateau of near-best levels), searched on levels
+    spaced evenly in value from the median to the 99.995th percentile of ``z`` plus quantile levels (nuclei
+    can cover 0.1 % of a field, so the levels must reach far into the tail). ``slope`` (unless given): the
+    one whose ``sigmoid(slope * (z - t))`` has the lowest mean soft Jaccard distance with the masks (the
+    loss), on a log grid relative to the spread of ``z`` -- so the start does not depend on the units of
+    the ISL normalisation (z-scores, percentile-scaled...). Returns ``{"t", "slope", "train_iou",
+    "train_jaccard"}`` (the last two: on the annotated fields, at step 0).
     """
     from islkeras.metrics_seg import iou_binary
 
-    zs = isl_predictions(isl, fields, inputs)
-    masks = [f.arrays[mask_channel][..., 0] > 0 for f in fields]
-    # candidate levels: quantiles of the predictions from the median up (any normalisation's units)
-    sample = np.concatenate([z.ravel()[:: max(1, z.size // 200_000)] for z in zs])
-    levels = np.unique(np.quantile(sample, np.linspace(0.5, 0.9999, 150)).astype(np.float32))
-    scores = [np.mean([iou_binary(z > t, m) for z, m in zip(zs, masks)]) for t in levels]
-    best = int(np.argmax(scores))
+    masks = [np.asarray(m) > 0 for m in masks]
+    sample = np.concatenate([z.ravel()[:: max(1, z.size // 200_000)] for z in zs]).astype(np.float64)
+    lo, hi = np.quantile(sample, [0.5, 0.99995])
+    levels = np.unique(np.concatenate([np.linspace(lo, hi, 200),
+                                       np.quantile(sample, np.linspace(0.5, 0.9999, 100))]).astype(np.float32))
+    scores = np.array([np.mean([iou_binary(z > t, m) for z, m in zip(zs, masks)]) for t in levels])
+    # the middle of the levels within 0.005 of the best IoU: the widest margin on both sides of a plateau
+    near = np.flatnonzero(scores >= scores.max() - 0.005)
+    best = int(near[len(near) // 2])
     t = float(levels[best])
+    zsub = [z[::2, ::2].astype(np.float64) for z in zs]
+    ysub = [m[::2, ::2].astype(np.float64) for m in masks]
+
+    def loss(s):
+        return float(np.mean([_soft_jaccard(1.0 / (1.0 + np.exp(-np.clip(s * (z - t), -60, 60))), y)
+                              for z, y in zip(zsub, ysub)]))
+
+    if slope is None:
+        spread = max(float(hi - lo), 1e-6)
+        cands = np.geomspace(0.5, 500.0, 31) / spread
+        losses = [loss(c) for c in cands]
+        slope = float(cands[int(np.argmin(losses))])
+    return {"t": t, "slope": float(slope), "train_iou": float(scores[best]), "train_jaccard": loss(float(slope))}
+
+
+def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slope: Optional[float] = None) -> dict:
+    """Re-activate a copied ISL head: ``logit = slope * (z - t)``, where ``z`` is the head's ISL output
+    (the predicted normalised fluorescence) and ``t``/``slope`` come from ``fit_calibration`` on the
+    annotated train ``fields``.
+
+    Only the head's kernel and bias change (``W' = slope * W``, ``b' = slope * (b - t)``), so at step 0 the
+    segmentation net is the (softly) thresholded ISL prediction. Returns ``fit_calibration``'s dict.
+    """
+    zs = isl_predictions(isl, fields, inputs)
+    cal = fit_calibration(zs, [f.arrays[mask_channel][..., 0] for f in fields], slope)
     head = weight_layers(model)[-1]
     w = head.get_weights()
     if len(w) != 2:
         raise UserError(f"transfer.init all_calibrated: the head {head.name} has no bias to shift")
-    head.set_weights([w[0] * slope, (w[1] - t) * slope])
-    return {"t": t, "slope": float(slope), "train_iou": float(scores[best])}
+    head.set_weights([w[0] * cal["slope"], (w[1] - cal["t"]) * cal["slope"]])
+    return cal
 
 
 def freeze_batchnorm(model) -> int:
@@ -520,8 +562,10 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             fields = [f for f in load_fields(cfg, "train", manifest=manifest,
                                              channels=list(cfg.data.inputs) + [mask]) if f.name in set(keep)]
             info["calibration"] = calibrate_head(model, isl, fields, cfg.data.inputs, mask, tr.calibration_slope)
-            click.echo(f"  head calibrated on {len(fields)} train field(s): z > {info['calibration']['t']:g} "
-                       f"(train IoU {info['calibration']['train_iou']:.3f})", err=True)
+            c = info["calibration"]
+            click.echo(f"  head calibrated on {len(fields)} train field(s): logit = {c['slope']:.4g} * (z - "
+                       f"{c['t']:.4g}), train IoU {c['train_iou']:.3f}, soft Jaccard {c['train_jaccard']:.3f}",
+                       err=True)
         mine = D.file_shard_fields(manifest, "train", strategy, keep)  # multi-worker: records of this worker's shards
         train_ds = make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep)
         train_ds = D.distribute_dataset(train_ds, strategy, 0, sharded_by_file=bool(mine))  # else by DATA

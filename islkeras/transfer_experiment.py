@@ -162,7 +162,7 @@ def markdown_table(rows: list[dict]) -> str:
         si = s["test_iou"] if s else None
         ii = i["test_iou"] if i else None
         gain = ii - si if (si is not None and ii is not None) else None
-        pa = f"{_fmt(s['test_pixel_accuracy'], 4) if s else 'n/a'} / {_fmt(i['test_pixel_accuracy'], 4) if i else 'n/a'}"
+        pa = " / ".join(_fmt(r["test_pixel_accuracy"], 4) if r else "n/a" for r in (s, i))
         lines.append(f"| {n} | {_fmt(si)} | {_fmt(ii)} | {'n/a' if gain is None else f'{gain:+.3f}'} | {pa} |")
     return "\n".join(lines)
 
@@ -177,7 +177,8 @@ def write_results(exp_dir: Path, rows: list[dict], per_field: list[dict], summar
             w = csv.DictWriter(buf, fieldnames=list(items[0]), lineterminator="\n")
             w.writeheader()
             for r in items:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
+                            for k, v in r.items()})
         return buf.getvalue()
 
     atomic_write_text(exp_dir / "results.csv", to_csv(rows))
@@ -215,7 +216,8 @@ def plot_curve(rows: list[dict], per_field: list[dict], path, title: str = "") -
     inits = sorted({r["init"] for r in rows}, key=lambda s: s == "scratch")
     ns = sorted({r["train_fields"] for r in rows})
     for k, init in enumerate(inits):
-        pts = sorted((r["train_fields"], r["test_iou"]) for r in rows if r["init"] == init and r["test_iou"] is not None)
+        pts = sorted((r["train_fields"], r["test_iou"]) for r in rows
+                     if r["init"] == init and r["test_iou"] is not None)
         label = "scratch" if init == "scratch" else f"ISL-initialised ({init.split(':', 1)[-1]})"
         color = "C0" if init != "scratch" else "C3"
         if pts:

@@ -167,6 +167,26 @@ def test_all_calibrated_head_is_thresholded_isl_prediction(isl_run, aiseg_dir):
     assert cal["train_iou"] == pytest.approx(iou_binary(z > cal["t"], fields[0].arrays["mask"][..., 0]))
 
 
+def test_fit_calibration_threshold_and_slope_do_not_depend_on_units():
+    """Sparse nuclei (0.2 % of the field) on a flat background: t lands between background and nuclei and the
+    fitted slope makes the step-0 soft Jaccard low, whatever the scale of the ISL normalisation."""
+    from islkeras.transfer import fit_calibration
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((256, 256), np.uint8)
+    for y, x in rng.integers(8, 248, size=(12, 2)):
+        mask[y - 2:y + 2, x - 2:x + 2] = 1
+    z = 0.013 + 0.004 * rng.standard_normal(mask.shape) + mask * (1.0 + 0.1 * rng.standard_normal(mask.shape))
+    a = fit_calibration([z], [mask])
+    b = fit_calibration([z * 100 - 5], [mask])  # other units
+    assert 0.05 < a["t"] < 0.9 and a["train_iou"] > 0.95 and a["train_jaccard"] < 0.2
+    assert b["t"] == pytest.approx(a["t"] * 100 - 5, rel=0.05)
+    assert b["slope"] == pytest.approx(a["slope"] / 100, rel=0.3)
+    assert b["train_jaccard"] == pytest.approx(a["train_jaccard"], abs=0.05)
+    # a fixed slope is kept (2 is far too soft here: most of the field sits near p = 0.5)
+    assert fit_calibration([z], [mask], slope=2.0)["train_jaccard"] > 0.9
+
+
 def test_transfer_copies_weights_segmentation_models_unet(tmp_path, aiseg_dir):
     """The real architecture (segmentation-models U-Net, small backbone and decoder to stay quick); the
     SavedModel round trip is covered by the plain U-Net test above, here the layer pairing is checked."""
