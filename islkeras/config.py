@@ -144,7 +144,8 @@ class TransferConfig:
     train_fields: Optional[int] = None  #: use only the first N train fields, sorted by name (null = all)
     init: Literal["all_calibrated", "all_but_head", "all"] = "all_calibrated"  #: see islkeras.transfer
     threshold: float = 0.5
-    calibration_slope: Optional[float] = None  #: all_calibrated: logit = slope * (z - t); null: fitted to the loss
+    calibration_slope: Optional[float] = None  #: all_calibrated: logit = slope*(z - t); null: background at p~0.0025
+    keep_start: bool = True  #: all_calibrated: score the start on val/test; keep it if no epoch beats it on val
     freeze_batchnorm: bool = False  #: ISL-initialised runs keep the ISL BatchNorm statistics (frozen)
     isl_learning_rate: Optional[float] = None  #: learning rate of ISL-initialised runs (null: training.learning_rate)
     # few-image experiment (islkeras.transfer_experiment): set sweep_train_fields to run it

@@ -125,11 +125,12 @@ def _predict_crops(model, x, boxes, batch):
 def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: bool = True,
                  crops: Optional[int] = None, *, tile: int = 512, overlap: int = 64, batch: int = 4,
                  mask_jaccard: bool = True, out_dir: Union[str, Path, None] = None, write: bool = True,
-                 n_panels: int = N_PANELS):
+                 n_panels: int = N_PANELS, tta: bool = False):
     """Predict ``split`` of a run and return the per-image metrics (pandas DataFrame; module doc).
 
     ``crops=N`` evaluates N deterministic crops per field instead of whole fields. With ``write`` the
     table, ``summary.json`` and figures go to ``out_dir`` (default ``RUN_DIR/evaluate/<split>``).
+    ``tta``: whole fields predicted with test-time augmentation (``predict_field(tta=True)``).
     """
     import pandas as pd
 
@@ -144,6 +145,8 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
         whole_fields = False
     elif not whole_fields:
         crops = 1
+    if tta and not whole_fields:
+        raise UserError("--tta works on whole fields; drop --crops")
     run, cfg, model = load_run(run_dir)
     inputs, targets = list(model.meta["inputs"]), list(model.meta["targets"])
     manifest = ensure_records(cfg)
@@ -162,7 +165,7 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
         x = np.concatenate([fld.arrays[c] for c in inputs], axis=-1) if len(inputs) > 1 else fld.arrays[inputs[0]]
         h, w = x.shape[:2]
         if whole_fields:
-            images = [((0, 0, h, w), predict_field(model, x, tile=tile, overlap=overlap, batch=batch))]
+            images = [((0, 0, h, w), predict_field(model, x, tile=tile, overlap=overlap, batch=batch, tta=tta))]
         else:
             boxes = crop_boxes(fld.name, h, w, cfg.pipeline.crop_size, crops, cfg.pipeline.seed)
             images = list(zip(boxes, _predict_crops(model, x, boxes, batch)))
@@ -191,7 +194,7 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
                                "target": fld.arrays[layout[0][0]][y0:y0 + ih, x0:x0 + iw, layout[0][1]],
                                "prediction": pred[..., 0], "channel": labels[0]})
     df = pd.DataFrame(rows)
-    df.attrs.update(run=str(run), split=split, mode="whole" if whole_fields else f"crops:{crops}")
+    df.attrs.update(run=str(run), split=split, mode=("whole+tta" if tta else "whole") if whole_fields else f"crops:{crops}")
     if write:
         write_evaluation(run, df, panels, out_dir or run / EVAL_DIR / split, cfg, model,
                          whole_fields=whole_fields, crops=crops)
@@ -226,7 +229,9 @@ def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=Tr
     atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
     summary = {
         "run": str(run), "name": cfg.name, "split": df.attrs.get("split"),
-        "mode": "whole fields" if whole_fields else f"{crops} crop(s) of {cfg.pipeline.crop_size} per field",
+        "mode": ("whole fields" + (", test-time augmentation (8 symmetries)" if "tta" in df.attrs.get("mode", "")
+                                   else "")) if whole_fields else f"{crops} crop(s) of {cfg.pipeline.crop_size} per field",
+        "tta": "tta" in df.attrs.get("mode", ""),
         "architecture": R.architecture_label(cfg), "loss": cfg.loss.kind,
         "n_fields": int(df["field"].nunique()) if len(df) else 0,
         "n_images": int(df["image"].nunique()) if len(df) else 0,
@@ -284,7 +289,9 @@ def summary_lines(df) -> list[str]:
               help="Also compare nucleus masks segmented from prediction and target (mask_jaccard column).")
 @click.option("--panels", "n_panels", default=N_PANELS, show_default=True,
               help="Images shown in figures/panels.png.")
-def evaluate_command(run_dir, split, whole, crops, out_dir, tile, overlap, batch, mask_jaccard, n_panels):
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 rot90/flip symmetries of each "
+                                          "whole field (8x the time; summary.json mode 'whole+tta').")
+def evaluate_command(run_dir, split, whole, crops, out_dir, tile, overlap, batch, mask_jaccard, n_panels, tta):
     """Evaluate a trained run on a split: metrics.csv, summary.json and figures.
 
     RUN_DIR is a run folder of `islkeras fit` (runs/<name>/<stamp>). One row per image and target channel:
@@ -301,7 +308,7 @@ def evaluate_command(run_dir, split, whole, crops, out_dir, tile, overlap, batch
     if whole and crops is not None:
         raise UserError("--whole-fields and --crops N exclude each other")
     df = evaluate_run(run_dir, split, whole_fields=crops is None, crops=crops, tile=tile, overlap=overlap,
-                      batch=batch, mask_jaccard=mask_jaccard, out_dir=out_dir, n_panels=n_panels)
+                      batch=batch, mask_jaccard=mask_jaccard, out_dir=out_dir, n_panels=n_panels, tta=tta)
     run = Path(df.attrs["run"])
     out = Path(out_dir) if out_dir else run / EVAL_DIR / split
     for line in summary_lines(df):

@@ -170,26 +170,26 @@ def normalize_padded(model, image: np.ndarray, hp: int, wp: int) -> np.ndarray:
     return x
 
 
-def predict_field(model, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-                  batch: int = DEFAULT_BATCH, output_scale: bool = True,
-                  callback: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """Predict a whole field of any size with overlapping, smoothly blended tiles (see module doc).
+def dihedral_np(a: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
+    """Symmetry ``k`` in 0..7 of an ``(H, W, ...)`` array (a view): ``rot90(a, k % 4)``, then a left-right
+    flip when ``k >= 4`` -- the same order as the training augmentation
+    (``islkeras.data.pipeline.dihedral``); ``inverse`` undoes it."""
+    if not inverse:
+        a = np.rot90(a, k % 4)
+        return a[:, ::-1] if k >= 4 else a
+    if k >= 4:
+        a = a[:, ::-1]
+    return np.rot90(a, -(k % 4))
 
-    ``model``: an ``islkeras.export.savedmodel.ExportedModel``. ``image``: the raw ``(H, W, C_in)`` field
-    (or ``(H, W)`` for one input plane) in any numeric dtype. Returns ``(H, W, C_out)`` float32 on the
-    target's intensity scale (``output_scale=False``: the network's normalised output). ``callback(done,
-    total)`` is called after every batch of tiles. Raises ``DataError`` for images that cannot be predicted
-    and ``UserError`` for a bad tile size/overlap.
-    """
-    a = check_image(image, int(model.n_inputs))
-    if batch < 1:
-        raise UserError(f"batch {batch}: must be >= 1")
-    h, w, _ = a.shape
-    rows, cols = tile_plan(h, w, tile, overlap)
-    x = normalize_padded(model, a, rows.size, cols.size)
+
+def _predict_padded(model, x: np.ndarray, tile: int, overlap: int, batch: int, callback, done0: int,
+                    total: Optional[int]) -> np.ndarray:
+    """Steps 2-4 on the normalised, padded field ``x``: blended tile predictions, ``x``-sized."""
+    rows, cols = tile_plan(x.shape[0], x.shape[1], tile, overlap)
     n_out = int(model.n_outputs)
     acc = np.zeros((rows.size, cols.size, n_out), np.float32)
     coords = [(i, j) for i in range(len(rows.starts)) for j in range(len(cols.starts))]
+    total = total or len(coords)
     th, tw = rows.tile, cols.tile
     for b0 in range(0, len(coords), batch):
         chunk = coords[b0:b0 + batch]
@@ -200,15 +200,50 @@ def predict_field(model, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: i
             wgt = (rows.windows[i][:, None] * cols.windows[j][None, :])[..., None]
             acc[y0:y0 + th, x0:x0 + tw] += pred[k] * wgt
         if callback is not None:
-            callback(min(b0 + batch, len(coords)), len(coords))
+            callback(done0 + min(b0 + batch, len(coords)), total)
+    for r0 in range(0, rows.size, 512):  # divide by the separable weight sum, in row blocks (no full-size temporary)
+        r1 = min(r0 + 512, rows.size)
+        acc[r0:r1] /= (rows.wsum[r0:r1, None] * cols.wsum[None, :])[..., None]
+    return acc
+
+
+def predict_field(model, image: np.ndarray, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+                  batch: int = DEFAULT_BATCH, output_scale: bool = True,
+                  callback: Optional[Callable[[int, int], None]] = None, tta: bool = False) -> np.ndarray:
+    """Predict a whole field of any size with overlapping, smoothly blended tiles (see module doc).
+
+    ``model``: an ``islkeras.export.savedmodel.ExportedModel``. ``image``: the raw ``(H, W, C_in)`` field
+    (or ``(H, W)`` for one input plane) in any numeric dtype. Returns ``(H, W, C_out)`` float32 on the
+    target's intensity scale (``output_scale=False``: the network's normalised output). ``callback(done,
+    total)`` is called after every batch of tiles. ``tta``: test-time augmentation -- the mean of the
+    predictions of the 8 rot90/flip symmetries of the field (the training augmentation), each mapped back;
+    8x the work. Raises ``DataError`` for images that cannot be predicted and ``UserError`` for a bad tile
+    size/overlap.
+    """
+    a = check_image(image, int(model.n_inputs))
+    if batch < 1:
+        raise UserError(f"batch {batch}: must be >= 1")
+    h, w, _ = a.shape
+    rows, cols = tile_plan(h, w, tile, overlap)
+    x = normalize_padded(model, a, rows.size, cols.size)  # whole-field statistics: invariant to the symmetries
+    if not tta:
+        out = _predict_padded(model, x, tile, overlap, batch, callback, 0, None)
+    else:
+        per = len(rows.starts) * len(cols.starts)
+        out = None
+        for k in range(8):
+            xt = np.ascontiguousarray(dihedral_np(x, k))
+            pk = dihedral_np(_predict_padded(model, xt, tile, overlap, batch, callback, k * per, 8 * per), k,
+                             inverse=True)
+            if out is None:
+                out = np.ascontiguousarray(pk)
+            else:
+                out += pk
+            del xt, pk
+        out /= 8.0
     del x
-    out = acc[:h, :w]
-    for r0 in range(0, h, 512):  # divide by the separable weight sum, in row blocks (no full-size temporary)
-        r1 = min(r0 + 512, h)
-        out[r0:r1] /= (rows.wsum[r0:r1, None] * cols.wsum[None, :w])[..., None]
-    if out.shape != acc.shape:
-        out = np.ascontiguousarray(out)
-        del acc
+    if out.shape[:2] != (h, w):
+        out = np.ascontiguousarray(out[:h, :w])
     return _to_output_scale(model, out) if output_scale else out
 
 
@@ -521,7 +556,9 @@ def _unique_names(items: Sequence[InputItem]) -> list[str]:
               help="z planes to use: 'all', '0,2,4' or '0-12' (for channel NAME, or every input channel).")
 @click.option("--projection", multiple=True, metavar="[NAME=]MODE",
               help="Collapse the planes: none, max or mean (for channel NAME, or every input channel).")
-def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel_files, planes, projection):
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the predictions of the 8 rot90/flip "
+                                          "symmetries of each field (8x the time).")
+def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel_files, planes, projection, tta):
     """Predict fluorescence for whole fields with a trained model, TIFF in -> TIFF out.
 
     MODEL is a run folder (runs/<name>/<stamp>) or a SavedModel folder. Each INPUT is a TIFF file, a field
@@ -543,6 +580,10 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
     labels. float32 (default) is on the training target's intensity scale; --dtype uint16 stores
     uint16 = clip(round(prediction), 0, 65535), i.e. the same grey values as a uint8/uint16 target
     (negative predictions become 0; the number of clipped pixels is reported).
+
+    \b
+    --tta averages the predictions of the 8 rot90/flip symmetries of each field (the symmetries training
+    augments with), each mapped back: smoother, usually a little more accurate, 8x slower.
 
     \b
     An input that cannot be predicted (unreadable, wrong number of planes, smaller than 32 pixels) is
@@ -579,7 +620,7 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
     for item, name in bar:
         try:
             image = read_input(item, specs, em.n_inputs)
-            pred = predict_field(em, image, tile=tile, overlap=overlap, batch=batch)
+            pred = predict_field(em, image, tile=tile, overlap=overlap, batch=batch, tta=tta)
             target = out / f"{name}_prediction.tif"
             clipped = write_prediction(target, pred, labels, dtype, em.meta.get("kind", "isl"))
             if clipped:

@@ -18,12 +18,13 @@ in class and weight shapes, otherwise the transfer stops before training with th
   fluorescence ``z`` (z-score units of the nuclei channel); a nucleus mask is, to a first approximation,
   ``z > t`` for some level ``t``. The head is rescaled to ``logit = slope * (z - t)``
   (``W' = slope * W``, ``b' = slope * (b - t)``) with ``t`` chosen on the annotated train fields (the level
-  whose ``z > t`` has the best mean IoU with their masks) and ``slope`` fitted to the loss on them (lowest
-  soft Jaccard distance; ``transfer.calibration_slope`` fixes it instead). The fitted slope matters: the
-  units of ``z`` depend on the ISL normalisation, and a slope that is sharp for z-scores (background near
-  0, nuclei at 5-10) leaves percentile-scaled predictions (background 0.01, nuclei about 1) at p ~ 0.45
-  over the whole field -- a soft Jaccard distance of ~1 at step 0, from which a one-field run collapsed to
-  "no nucleus anywhere" (run 1 in docs/transfer_results.md). So training
+  whose ``z > t`` has the best mean IoU with their masks) and ``slope`` such that the median pixel
+  (background) starts at ``p = sigmoid(-6)`` (``transfer.calibration_slope`` fixes it instead). The slope
+  matters because the units of ``z`` depend on the ISL normalisation: a slope that suits z-scores
+  (background near 0, nuclei at 5-10) leaves percentile-scaled predictions (background 0.01, nuclei about
+  1) at p ~ 0.45 over the whole field, and a near-step head makes every update of the body flip pixels;
+  from either start one-field runs collapsed to "no nucleus anywhere" for several epochs (runs 1 and 2 in
+  docs/transfer_results.md). So training
   starts from "thresholded ISL prediction", which already segments nuclei of every kind the ISL model saw
   in its (unannotated, 18-field) training data, and the few masks only correct it. Why: the head is the
   one layer whose *meaning* is known (nuclear intensity), so throwing it away (``all_but_head``) discards
@@ -45,6 +46,13 @@ moving statistics and run in inference mode while fine-tuning. With one annotate
 statistics come from crops of a single field; letting the moving averages drift to them made the model
 fail on every other field (val IoU collapsed in the first epoch), freezing them keeps the statistics of
 all the ISL training fields. Scratch runs have no statistics to keep and always train BatchNorm.
+
+``transfer.keep_start`` (``all_calibrated`` only, default on): the calibrated start -- the thresholded ISL
+prediction, before any segmentation training -- is scored on the whole val and test fields
+(``start_val_iou``/``start_test_iou`` in ``summary.json``), and when no epoch beats its val IoU the start
+itself is exported (``kept_start``). With one annotated field fine-tuning can do worse on new fields than
+the start (the thresholded ISL model saw all the unannotated training fields); model selection on the val
+fields, as for every epoch, decides.
 
 Normalisation must be the ISL model's (the features were learnt on it): ``pipeline.normalization`` and
 ``pipeline.percentiles`` are taken from the ISL SavedModel's metadata, and with an ISL run the ``model``
@@ -284,17 +292,26 @@ def _soft_jaccard(p: np.ndarray, y: np.ndarray, smooth: float = 1.0) -> float:
     return 1.0 - (inter + smooth) / (float(y.sum()) + float(p.sum()) - inter + smooth)
 
 
+BACKGROUND_LOGIT = -6.0  #: all_calibrated: the median prediction (background) starts at p = sigmoid(-6) ~ 0.0025
+
+
+def _fmt_opt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def fit_calibration(zs: list, masks: list, slope: Optional[float] = None) -> dict:
     """The head's operating point from the ISL predictions ``zs`` and the masks of the annotated fields.
 
     ``t``: the level whose ``z > t`` has the best mean IoU with the masks (the metric; the middle of a
-    plateau of near-best levels), searched on levels
-    spaced evenly in value from the median to the 99.995th percentile of ``z`` plus quantile levels (nuclei
-    can cover 0.1 % of a field, so the levels must reach far into the tail). ``slope`` (unless given): the
-    one whose ``sigmoid(slope * (z - t))`` has the lowest mean soft Jaccard distance with the masks (the
-    loss), on a log grid relative to the spread of ``z`` -- so the start does not depend on the units of
-    the ISL normalisation (z-scores, percentile-scaled...). Returns ``{"t", "slope", "train_iou",
-    "train_jaccard"}`` (the last two: on the annotated fields, at step 0).
+    plateau of near-best levels), searched on levels spaced evenly in value from the median to the
+    99.995th percentile of ``z`` plus quantile levels (nuclei can cover 0.1 % of a field, so the levels
+    must reach far into the tail). ``slope`` (unless given): ``BACKGROUND_LOGIT / (median(z) - t)``, so the
+    typical (background) pixel starts at p ~ 0.0025 and ``t`` at 0.5 whatever the units of the ISL
+    normalisation (z-scores, percentile-scaled...). Both extremes failed: a slope leaving the background
+    near p = 0.45 and the slope that minimises the step-0 soft Jaccard distance (a near-step function, where
+    every update of the body flips pixels) each let a one-field run collapse to "no nucleus" in its first
+    epochs. Returns ``{"t", "slope", "train_iou", "train_jaccard"}`` (the last two: on the annotated
+    fields, at step 0).
     """
     from islkeras.metrics_seg import iou_binary
 
@@ -308,19 +325,11 @@ def fit_calibration(zs: list, masks: list, slope: Optional[float] = None) -> dic
     near = np.flatnonzero(scores >= scores.max() - 0.005)
     best = int(near[len(near) // 2])
     t = float(levels[best])
-    zsub = [z[::2, ::2].astype(np.float64) for z in zs]
-    ysub = [m[::2, ::2].astype(np.float64) for m in masks]
-
-    def loss(s):
-        return float(np.mean([_soft_jaccard(1.0 / (1.0 + np.exp(-np.clip(s * (z - t), -60, 60))), y)
-                              for z, y in zip(zsub, ysub)]))
-
     if slope is None:
-        spread = max(float(hi - lo), 1e-6)
-        cands = np.geomspace(0.5, 500.0, 31) / spread
-        losses = [loss(c) for c in cands]
-        slope = float(cands[int(np.argmin(losses))])
-    return {"t": t, "slope": float(slope), "train_iou": float(scores[best]), "train_jaccard": loss(float(slope))}
+        slope = BACKGROUND_LOGIT / min(float(lo) - t, -1e-6)
+    jac = [_soft_jaccard(1.0 / (1.0 + np.exp(-np.clip(slope * (z[::2, ::2] - t), -60, 60))), m[::2, ::2])
+           for z, m in zip(zs, masks)]
+    return {"t": t, "slope": float(slope), "train_iou": float(scores[best]), "train_jaccard": float(np.mean(jac))}
 
 
 def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slope: Optional[float] = None) -> dict:
@@ -339,6 +348,33 @@ def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slo
         raise UserError(f"transfer.init all_calibrated: the head {head.name} has no bias to shift")
     head.set_weights([w[0] * cal["slope"], (w[1] - cal["t"]) * cal["slope"]])
     return cal
+
+
+def threshold_ious(zs: list, masks: list, t: float) -> list[float]:
+    """Per-field IoU of ``z > t`` against the masks (1 when both are empty): the segmentation of the
+    calibrated start (``sigmoid(slope * (z - t)) > 0.5`` is ``z > t``) or of any thresholded image."""
+    from islkeras.metrics_seg import iou_binary
+
+    return [iou_binary(np.asarray(z) > t, np.asarray(m) > 0) for z, m in zip(zs, masks)]
+
+
+def start_scores(isl: IslSource, cfg, manifest, mask_channel: str, t: float) -> dict:
+    """IoU of the calibrated start (thresholded ISL prediction, before any segmentation training) on the
+    whole val and test fields: ``{"val_iou", "test_iou", "test_fields": {name: iou}}`` (None without the
+    split)."""
+    from islkeras.data.records import load_fields
+
+    out: dict = {"val_iou": None, "test_iou": None, "test_fields": {}}
+    for split in ("val", "test"):
+        if not any(f["split"] == split for f in manifest["fields"].values()):
+            continue
+        fields = load_fields(cfg, split, manifest=manifest, channels=list(cfg.data.inputs) + [mask_channel])
+        ious = threshold_ious(isl_predictions(isl, fields, cfg.data.inputs),
+                              [f.arrays[mask_channel][..., 0] for f in fields], t)
+        out[f"{split}_iou"] = float(np.mean(ious))
+        if split == "test":
+            out["test_fields"] = {f.name: float(v) for f, v in zip(fields, ious)}
+    return out
 
 
 def freeze_batchnorm(model) -> int:
@@ -566,6 +602,12 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             click.echo(f"  head calibrated on {len(fields)} train field(s): logit = {c['slope']:.4g} * (z - "
                        f"{c['t']:.4g}), train IoU {c['train_iou']:.3f}, soft Jaccard {c['train_jaccard']:.3f}",
                        err=True)
+            if tr.keep_start:
+                info["start"] = start_scores(isl, cfg, manifest, mask, c["t"])
+                click.echo(f"  calibrated start (no segmentation training): val IoU "
+                           f"{_fmt_opt(info['start']['val_iou'])}, test IoU {_fmt_opt(info['start']['test_iou'])}",
+                           err=True)
+                start_weights = model.get_weights()
         mine = D.file_shard_fields(manifest, "train", strategy, keep)  # multi-worker: records of this worker's shards
         train_ds = make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep)
         train_ds = D.distribute_dataset(train_ds, strategy, 0, sharded_by_file=bool(mine))  # else by DATA
@@ -593,10 +635,22 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
                    + "".join(f"\n  note: {n}" for n in notes), err=True)
         model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
                   callbacks=callbacks, verbose=verbose)
+        kept_start = False
+        st = info.get("start") or {}
+        best = control.summary.get("best")
+        if st.get("val_iou") is not None and control.summary.get("monitor") == "val_iou" and \
+                (best is None or st["val_iou"] > best):
+            # no epoch beat the calibrated start on the validation fields: the start is the best model
+            model.set_weights(start_weights)
+            kept_start = True
+            click.echo(f"  kept the calibrated start: val IoU {st['val_iou']:.3f} > best epoch's "
+                       f"{_fmt_opt(best)}", err=True)
 
     summary = dict(control.summary, name=cfg.name, kind="segmentation", run_dir=str(run_dir),
                    config_hash=cfg.hash(), isl_run=tr.isl_run, init=meta["init"], train_fields=len(keep),
                    train_minutes=round((time.time() - start) / 60.0, 2))
+    if st:
+        summary.update(start_val_iou=st.get("val_iou"), start_test_iou=st.get("test_iou"), kept_start=kept_start)
     out = export_savedmodel(model, save_dir / "savedmodel", meta)  # every worker (collective reads)
     D.release_worker_dir(save_dir, chief)
     if chief:

@@ -81,6 +81,9 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
     if isl_cfg is not None and list(isl_cfg.data.inputs) != list(cfg.data.inputs):
         raise ConfigError(f"{tr.pretrain}: data.inputs {isl_cfg.data.inputs} differ from {cfg.source}'s "
                           f"{cfg.data.inputs}")
+    from islkeras.transfer_experiment import stain_threshold_reference
+
+    references = {n: stain_threshold_reference(cfg, manifest, n) for n in sweep}
     exp_dir = Path(out_dir) if out_dir else R.new_run_dir(cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     R.save_run_config(cfg, exp_dir)
@@ -123,6 +126,7 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
             rows.append({
                 "train_fields": n, "init": arm if arm == "scratch" else f"isl:{tr.init}",
                 "test_iou": s.get("test_iou"), "test_iou_std": s.get("test_iou_std"),
+                "start_test_iou": s.get("start_test_iou"), "kept_start": s.get("kept_start"),
                 "test_pixel_accuracy": s.get("test_pixel_accuracy"), "best_val_iou": s.get("best"),
                 "epochs": s.get("epochs"), "best_epoch": s.get("best_epoch"),
                 "minutes": s.get("minutes_total", round((time.time() - t1) / 60.0, 2)), "run": d.name,
@@ -133,14 +137,15 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
                     for r in csv.DictReader(f):
                         per_field.append({"train_fields": n, "init": rows[-1]["init"], "field": r["field"],
                                           "iou": float(r["iou"]), "pixel_accuracy": float(r["pixel_accuracy"])})
-            write_results(exp_dir, rows, per_field, name=cfg.name)  # after every run, so partial results are visible
+            write_results(exp_dir, rows, per_field, name=cfg.name, references=references)  # after every run, so partial results are visible
     wall = round((time.time() - t0) / 60.0, 2)
     summary = {"name": cfg.name, "wall_minutes": wall, **timings,
                "segmentation_minutes": round(sum(r["minutes"] or 0 for r in rows), 2),
                "loadavg_start": load0, "loadavg_end": _load(), "cpus": os.cpu_count(),
-               "isl_run": str(isl.savedmodel), "sweep": sweep, "results": rows}
+               "isl_run": str(isl.savedmodel), "sweep": sweep, "results": rows,
+               "stain_threshold_test_iou": {str(k): v for k, v in references.items()}}
     atomic_write_json(exp_dir / "summary.json", summary)
-    md = write_results(exp_dir, rows, per_field, summary, name=cfg.name)
+    md = write_results(exp_dir, rows, per_field, summary, name=cfg.name, references=references)
     plot_curve(rows, per_field, exp_dir / "curve.png", title=cfg.name)
     click.echo(md)
     click.echo(f"experiment done in {wall:.1f} min -> {exp_dir}")
@@ -151,24 +156,54 @@ def _fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """| train fields | scratch | ISL-initialised | gain | (mean test IoU; pixel accuracy in brackets)."""
+def markdown_table(rows: list[dict], references: Optional[dict] = None) -> str:
+    """| train fields | scratch | ISL-initialised | gain | ISL + threshold only | stain + threshold | pixel acc. |
+
+    (mean test IoU). "ISL + threshold only": the calibrated start, before segmentation training; "stain +
+    threshold": the true nuclear stain thresholded at the level that fits the same annotated fields best
+    (``references``, by number of fields) -- what thresholding a perfect ISL prediction would give.
+    """
+    references = references or {}
     ns = sorted({r["train_fields"] for r in rows})
     by = {(r["train_fields"], "scratch" if r["init"] == "scratch" else "isl"): r for r in rows}
-    lines = ["| train fields | test IoU, scratch | test IoU, ISL-initialised | gain | pixel accuracy (scratch / ISL) |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = ["| train fields | test IoU, scratch | test IoU, ISL-initialised | gain | ISL + threshold only "
+             "| true stain + threshold | pixel accuracy (scratch / ISL) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for n in ns:
         s, i = by.get((n, "scratch")), by.get((n, "isl"))
         si = s["test_iou"] if s else None
         ii = i["test_iou"] if i else None
         gain = ii - si if (si is not None and ii is not None) else None
+        start = _fmt(i.get("start_test_iou")) if i else "n/a"
+        if i and i.get("kept_start"):
+            start += " (kept)"
         pa = " / ".join(_fmt(r["test_pixel_accuracy"], 4) if r else "n/a" for r in (s, i))
-        lines.append(f"| {n} | {_fmt(si)} | {_fmt(ii)} | {'n/a' if gain is None else f'{gain:+.3f}'} | {pa} |")
+        lines.append(f"| {n} | {_fmt(si)} | {_fmt(ii)} | {'n/a' if gain is None else f'{gain:+.3f}'} | {start} "
+                     f"| {_fmt(references.get(n))} | {pa} |")
     return "\n".join(lines)
 
 
+def stain_threshold_reference(cfg, manifest: dict, n: int, stain: Optional[str] = None) -> Optional[float]:
+    """Mean test IoU of the true nuclear stain thresholded at the level (``fit_calibration``'s search) that
+    fits the masks of the first ``n`` train fields best; None without a stain channel or test fields."""
+    from islkeras.data.records import load_fields
+    from islkeras.transfer import fit_calibration, threshold_ious, train_subset
+
+    mask = cfg.transfer.mask_channel
+    stain = stain or next((c for c in cfg.data.targets if c != mask and c not in cfg.data.masks), None)
+    if stain is None or not any(f["split"] == "test" for f in manifest["fields"].values()):
+        return None
+    keep = set(train_subset(manifest, n))
+    train = [f for f in load_fields(cfg, "train", manifest=manifest, channels=[stain, mask]) if f.name in keep]
+    test = load_fields(cfg, "test", manifest=manifest, channels=[stain, mask])
+    t = fit_calibration([f.arrays[stain][..., 0].astype(np.float32) for f in train],
+                        [f.arrays[mask][..., 0] for f in train], slope=1.0)["t"]
+    return float(np.mean(threshold_ious([f.arrays[stain][..., 0] for f in test],
+                                        [f.arrays[mask][..., 0] for f in test], t)))
+
+
 def write_results(exp_dir: Path, rows: list[dict], per_field: list[dict], summary: Optional[dict] = None,
-                  name: str = "") -> str:
+                  name: str = "", references: Optional[dict] = None) -> str:
     from islkeras.utils import atomic_write_text
 
     def to_csv(items):
@@ -185,7 +220,7 @@ def write_results(exp_dir: Path, rows: list[dict], per_field: list[dict], summar
     atomic_write_text(exp_dir / "per_field.csv", to_csv(per_field))
     md = [f"# {name or exp_dir.name}: few-image nuclei segmentation, ISL-initialised vs scratch", "",
           "Mean test IoU at threshold 0.5 over the test fields (whole fields; IoU = 1 when both masks are empty).",
-          "", markdown_table(rows), ""]
+          "", markdown_table(rows, references), ""]
     if per_field:
         fields = sorted({r["field"] for r in per_field})
         md += ["Per test field:", "", "| train fields | init | " + " | ".join(fields) + " |",

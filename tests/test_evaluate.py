@@ -123,3 +123,30 @@ def test_report_evaluates_missing_split(eval_run, whole_df, tmp_path):
     assert len(t) == 1 and t.loc[0, "n_val"] == 1 and t.loc[0, "n_test"] == 2
     assert t.loc[0, "pcc_mean_test"] == pytest.approx(whole_df["pcc"].mean())
     assert (eval_run / "evaluate" / "val" / "metrics.csv").is_file()
+
+
+def test_tta_cli_matches_predict_field_tta(eval_run, tmp_path):
+    """evaluate --tta scores the 8-symmetry mean prediction (checked against predict_field(tta=True) and
+    the PCC computed here), records it in summary.json, and refuses --crops."""
+    import tifffile
+    from click.testing import CliRunner
+
+    from islkeras.cli import cli
+    from islkeras.export.savedmodel import ExportedModel
+    from islkeras.metrics_np import pcc
+    from islkeras.predict import predict_field
+
+    res = CliRunner().invoke(cli, ["evaluate", str(eval_run), "--split", "val", "--tta", "--no-mask-jaccard",
+                                   "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["tta"] is True and "test-time augmentation" in summary["mode"]
+    df = pd.read_csv(tmp_path / "t" / "metrics.csv")
+    root = json.loads((eval_run / "config.json").read_text())["data"]["root"]
+    bf = tifffile.imread(f"{root}/fov_003/brightfield.tif")
+    nuc = tifffile.imread(f"{root}/fov_003/nuclei.tif")
+    want = pcc(predict_field(ExportedModel(eval_run / "savedmodel"), bf, tta=True)[..., 0], nuc)
+    plain = pcc(predict_field(ExportedModel(eval_run / "savedmodel"), bf)[..., 0], nuc)
+    assert float(df["pcc"].iloc[0]) == pytest.approx(want, abs=1e-5) and abs(want - plain) > 1e-4
+    res = CliRunner().invoke(cli, ["evaluate", str(eval_run), "--tta", "--crops", "2"])
+    assert res.exit_code == 1 and "--tta" in res.output

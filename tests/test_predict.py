@@ -88,6 +88,27 @@ def test_non_multiple_sizes_come_back_at_their_own_size(tiny_model, aiseg_field)
     assert small.shape == (40, 33, 1) and np.isfinite(small).all()
 
 
+def test_tta_is_the_mean_of_the_eight_symmetries(tiny_model, aiseg_field):
+    """tta=True equals predicting each rot90/flip of the field in one pass, mapping it back and averaging;
+    it differs from the plain prediction (the random net is not symmetric) and keeps odd sizes."""
+    from islkeras.predict import dihedral_np, predict_field
+
+    img = aiseg_field[100:356, 300:492]  # 256 x 192: one tile, so each symmetry is a one-pass prediction
+    want = np.mean([dihedral_np(tiny_model.predict_raw(np.ascontiguousarray(dihedral_np(img, k))[None, ..., None])[0],
+                                k, inverse=True) for k in range(8)], axis=0)
+    got = predict_field(tiny_model, img, tile=256, overlap=0, tta=True)
+    sd = float(want.std())
+    assert got.shape == (256, 192, 1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * sd)
+    plain = predict_field(tiny_model, img, tile=256, overlap=0)
+    assert np.abs(plain - got).mean() > 0.01 * sd
+    for k in range(8):  # the symmetry and its inverse, on a non-square array
+        a = np.arange(12).reshape(3, 4)
+        assert np.array_equal(dihedral_np(dihedral_np(a, k), k, inverse=True), a)
+    odd = predict_field(tiny_model, aiseg_field[:300, :250], tile=256, overlap=64, tta=True)
+    assert odd.shape == (300, 250, 1) and np.isfinite(odd).all()
+
+
 def test_predict_field_errors(tiny_model):
     from islkeras.predict import predict_field
 

@@ -502,3 +502,22 @@ def test_fast_json_path_is_taken_for_plain_tensors():
         assert _fast_predict_body(body, specs) is not None, body
     for body in FAST_BODIES[6:22]:
         assert _fast_predict_body(body, specs) is None, body
+
+
+def test_tensor_json_round_trips_exactly_and_keeps_nan():
+    """Replies are written from the numpy buffer: float32 values come back bit-identical through the json
+    module (what clients use), integers stay integers, non-finite values are TF Serving's NaN/Infinity."""
+    from islkeras.serve import tensor_json
+
+    rng = np.random.default_rng(0)
+    f = (rng.standard_normal((2, 5, 7, 3)) * 10.0 ** rng.integers(-8, 9, (2, 5, 7, 3))).astype(np.float32)
+    back = np.asarray(json.loads(tensor_json(f)), np.float32)
+    assert back.shape == f.shape and np.array_equal(back.view(np.uint32), f.view(np.uint32))
+    u = rng.integers(0, 65536, (1, 4, 4, 1)).astype(np.uint16)
+    text = tensor_json(u)
+    assert b"." not in text and np.array_equal(np.asarray(json.loads(text)), u)
+    h = np.array([[0.1, 65504.0]], np.float16)
+    assert np.array_equal(np.asarray(json.loads(tensor_json(h)), np.float16), h)
+    bad = np.array([[1.5, np.nan], [np.inf, -np.inf]], np.float32)
+    back = json.loads(tensor_json(bad))  # the json module reads NaN/Infinity
+    assert back[0][0] == 1.5 and np.isnan(back[0][1]) and back[1] == [float("inf"), float("-inf")]
