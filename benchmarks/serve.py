@@ -145,6 +145,9 @@ def main():
 
     from islkeras.export.savedmodel import ExportedModel
 
+    from islkeras.utils import keep_large_buffers
+
+    keep_large_buffers()  # what `islkeras serve` does at start, so the in-process baseline gets it too
     tmp = Path(tempfile.mkdtemp(prefix="islkeras-bench-serve-"))
     sm = build_base(tmp / "models", args.model, args.filters, args.depth)
     model = ExportedModel(sm)

@@ -414,24 +414,34 @@ _FAST_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "float16", "float32
 
 
 def _skeleton_shape(skel: bytes) -> Optional[tuple]:
-    """Shape of a regular nested list from its skeleton (brackets and commas only), or None."""
+    """Shape of a regular nested list from its skeleton (brackets and commas only), or None.
+
+    Read off the first element at each depth: the first list of depth k ends at the first run of
+    ``rank - k + 1`` closing brackets, and a regular list of n sub-lists of skeleton length L is
+    ``n * L + (n - 1) + 2`` long -- a few C-speed ``find`` calls instead of a pass over every bracket. The
+    caller compares the whole skeleton with the template of this shape, so an irregular list is still
+    caught.
+    """
     rank = len(skel) - len(skel.lstrip(b"["))
     if rank == 0 or len(skel) < 2 * rank:
         return None
-    a = np.frombuffer(skel, np.uint8)
-    step = np.zeros(a.size, np.int8)
-    step[a == ord("[")] = 1
-    step[a == ord("]")] = -1
-    depth = np.cumsum(step, dtype=np.int32)  # depth after each character
-    commas = a == ord(",")
-    shape = []
-    for d in range(1, rank + 1):
-        closes = np.flatnonzero((a == ord("]")) & (depth == d - 1))
-        if closes.size == 0:
+    shape, inner = [], None
+    for k in range(rank, 0, -1):  # depth k = rank (innermost) .. 1 (outermost)
+        end = skel.find(b"]" * (rank - k + 1))
+        if end < 0:
             return None
-        first = closes[0]
-        shape.append(int(np.count_nonzero(commas[:first] & (depth[:first] == d))) + 1)
-    return tuple(shape)
+        length = end + (rank - k + 1) - (k - 1)  # skeleton length of the first list at depth k
+        if inner is None:
+            n = length - 1  # "[" + (n - 1) commas + "]"
+        else:
+            n, rem = divmod(length - 1, inner + 1)
+            if rem:
+                return None
+        if n < 1:
+            return None
+        shape.append(n)
+        inner = length
+    return tuple(reversed(shape))
 
 
 def _json_number_syntax_ok(text: bytes) -> bool:
@@ -493,12 +503,23 @@ def _fast_predict_body(body: bytes, specs: dict[str, InputSpec]):
         return None
     import warnings
 
+    numbers = text.translate(_BRACKETS_TO_SPACE)
+    flat = None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy warns (and stops) on a token that is not a number
-        try:
-            flat = np.fromstring(text.translate(_BRACKETS_TO_SPACE), dtype=np.float64, sep=",")
-        except (ValueError, DeprecationWarning):
-            return None
+        if spec.dtype.kind in "iu":  # integer images (uint8/uint16): 3x faster than parsing as float
+            try:
+                flat = np.fromstring(numbers, dtype=np.int64, sep=",")
+            except (ValueError, DeprecationWarning):  # "2.0", "1e3": not integer tokens, read as float below
+                flat = None
+            else:  # out-of-range tokens saturate: let the float parse see their real value
+                if flat.size and (flat.max() == np.iinfo(np.int64).max or flat.min() == np.iinfo(np.int64).min):
+                    flat = None
+        if flat is None:
+            try:
+                flat = np.fromstring(numbers, dtype=np.float64, sep=",")
+            except (ValueError, DeprecationWarning):
+                return None
     if flat.size != int(np.prod(shape)):
         return None
     fmt = "row" if head["key"] == b"instances" else "columnar"
@@ -994,7 +1015,9 @@ def serve_command(model_base: Path, host: str, port: int, max_concurrent: int, m
       curl --data-binary @field.tif -o pred.tif http://127.0.0.1:8501/v1/models/nuclei:predict_tiff
     """
     from islkeras.errors import UserError
+    from islkeras.utils import keep_large_buffers
 
+    keep_large_buffers()  # MB-sized JSON/TIFF buffers from the heap, not fresh pages each request
     options = ServeOptions(max_concurrent=max_concurrent, max_queue=max_queue, max_connections=max_connections,
                            max_body_mb=max_body_mb, preload=preload, access_log=access_log, tile=tile,
                            overlap=overlap, batch=batch)

@@ -92,3 +92,31 @@ def shared_data_dir() -> Path:
     if env:
         return Path(env).resolve()
     return (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_large_buffers(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024, top_pad_mb: int = 64) -> bool:
+    """Make glibc malloc serve multi-megabyte blocks from its heap and keep freed memory for reuse,
+    instead of mmap-ing fresh pages for every large block and returning them at once.
+
+    A server that parses and writes MB-sized request/response buffers (and whose TensorFlow calls free
+    large tensors in between) otherwise page-faults through every new buffer: measured here, writing a 512 x
+    512 float32 reply as JSON took 25 ms right after a model call instead of 14 ms, parsing the request
+    39 instead of 33 ms. The cost is that freed memory stays in the process (RSS keeps its high-water mark,
+    it does not grow without bound). Returns False where this is not glibc (nothing changed).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mb = 1 << 20
+    ok = [mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb * mb), mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb * mb),
+          mallopt(_M_TOP_PAD, top_pad_mb * mb)]
+    return all(v == 1 for v in ok)

@@ -469,6 +469,9 @@ FAST_BODIES = [
     b'{"instances": [[[[1]]]], "inputs": [[[[1]]]]}', b'{"signature_name": "nope", "inputs": [[[[1]]]]}',
     b'{"signature_name": "normalized", "inputs": {"image": [[[[1]]]]}}', b'{"instances": [[[[1e2]]]]}',
     b'{"instances": [[[[1]]]]} x', b'[[[[1]]]]', b'{"instances": [[[[-01]]]]}', b'{"instances": [[[[1e05]]]]}',
+    # integer inputs are read as int64 first: float tokens and out-of-int64 tokens must fall back correctly
+    b'{"instances": [[[[255], [2.0]]]]}', b'{"instances": [[[[99999999999999999999], [2]]]]}',
+    b'{"instances": [[[[-9223372036854775808], [2]]]]}', b'{"instances": [[[[9223372036854775807]]]]}',
 ]
 
 

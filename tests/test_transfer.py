@@ -327,6 +327,12 @@ def test_sweep_experiment_tiny(isl_run, aiseg_dir):
     assert (out / "curve.png").stat().st_size > 1000
     s = json.loads((out / "summary.json").read_text())
     assert s["wall_minutes"] > 0 and s["pretrain_minutes"] is None
+    # the true stain thresholded at the level fitted on fov_001/fov_004, on test fov_002/fov_007: ~0.6/~0.47
+    # at their own best levels (measured), so a fitted level lands between 0.3 and 0.6
+    assert 0.3 < s["stain_threshold_test_iou"]["2"] < 0.6
+    assert "true stain + threshold" in md and f"{s['stain_threshold_test_iou']['2']:.3f}" in md
+    isl_row = next(r for r in rows if r["init"].startswith("isl"))
+    assert 0.0 <= float(isl_row["start_test_iou"]) <= 1.0
     meta = json.loads((out / "n02_isl" / "savedmodel" / "assets" / "islkeras.json").read_text())
     assert meta["train_fields"] == ["fov_001", "fov_004"]
 
@@ -392,3 +398,29 @@ def test_keep_start_when_fine_tuning_does_worse(isl_run, aiseg_dir):
     out = run_transfer(cfg, run_dir=tmp / "no_keep_run", verbose=0)
     s2 = json.loads((out / "summary.json").read_text())
     assert "kept_start" not in s2 and s2["test_iou"] != pytest.approx(s["start_test_iou"], abs=2e-3)
+
+
+def test_transfer_from_isl_trained_in_mixed_bfloat16(aiseg_dir, tmp_path):
+    """An ISL run trained with training.mixed_precision=mixed_bfloat16 (as aiseg_nuclei_l1 is) exports
+    bfloat16-compute layers; transfer copies its float32 weights into a float32 segmentation net."""
+    import tensorflow as tf
+
+    from islkeras.transfer import run_transfer, weight_layers
+
+    cfg = tiny_config(aiseg_dir, tmp_path, name="tiny_isl_bf16", transfer=None)
+    cfg.transfer = None
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        run_dir, isl_model = export_isl(cfg, tmp_path / "isl_bf16")
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert weight_layers(isl_model)[0].compute_dtype == "bfloat16"
+    seg_cfg = tiny_config(aiseg_dir, tmp_path, transfer={"isl_run": str(run_dir), "train_fields": 1,
+                                                         "init": "all_but_head", "freeze_batchnorm": True})
+    seg_cfg.training.steps_per_epoch = 1
+    out = run_transfer(seg_cfg, run_dir=tmp_path / "seg", verbose=0)
+    seg = tf.keras.models.load_model(str(out / "savedmodel"), compile=False)
+    assert weight_layers(seg)[0].compute_dtype == "float32"
+    bn = [i for i, lay in enumerate(weight_layers(seg)) if isinstance(lay, tf.keras.layers.BatchNormalization)]
+    for a, b in zip(weight_layers(seg)[bn[0]].get_weights(), weight_layers(isl_model)[bn[0]].get_weights()):
+        np.testing.assert_array_equal(a, b)  # frozen BatchNorm statistics: copied exactly
