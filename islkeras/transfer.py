@@ -28,8 +28,9 @@ in class and weight shapes, otherwise the transfer stops before training with th
   starts from "thresholded ISL prediction", which already segments nuclei of every kind the ISL model saw
   in its (unannotated, 18-field) training data, and the few masks only correct it. Why: the head is the
   one layer whose *meaning* is known (nuclear intensity), so throwing it away (``all_but_head``) discards
-  the most task-relevant part of the pretext model; on aiseg-nuclei with one annotated field it gave
-  clearly higher test IoU than ``all_but_head`` (see docs/transfer_results.md).
+  the most task-relevant part of the pretext model (in a one-field comparison during development it
+  did better than ``all_but_head``; that comparison was not repeated in the final setup, whose runs are
+  in docs/transfer_results.md).
 * ``all``: the head copied and re-activated as is, i.e. ``sigmoid(z)``: the 0.5 level sits at ``z = 0``
   (the field's mean intensity, i.e. the background), so the start is "everything a little brighter than
   average is a nucleus" and small updates flip whole backgrounds; kept for comparison only.
