@@ -197,7 +197,7 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
     df.attrs.update(run=str(run), split=split, mode=("whole+tta" if tta else "whole") if whole_fields else f"crops:{crops}")
     if write:
         write_evaluation(run, df, panels, out_dir or run / EVAL_DIR / split, cfg, model,
-                         whole_fields=whole_fields, crops=crops)
+                         whole_fields=whole_fields, crops=crops, tta=tta)
     return df
 
 
@@ -217,7 +217,7 @@ def _safe_jaccard(fn, pred, true) -> float:
         return float("nan")
 
 
-def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=True, crops=None) -> Path:
+def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=True, crops=None, tta=False) -> Path:
     """metrics.csv, summary.json and figures/ of one evaluation (atomic writes)."""
     from islkeras import metrics_np as M
     from islkeras import report as R
@@ -229,9 +229,9 @@ def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=Tr
     atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
     summary = {
         "run": str(run), "name": cfg.name, "split": df.attrs.get("split"),
-        "mode": ("whole fields" + (", test-time augmentation (8 symmetries)" if "tta" in df.attrs.get("mode", "")
-                                   else "")) if whole_fields else f"{crops} crop(s) of {cfg.pipeline.crop_size} per field",
-        "tta": "tta" in df.attrs.get("mode", ""),
+        "mode": ("whole fields" + (", test-time augmentation (8 symmetries)" if tta else "")) if whole_fields
+                else f"{crops} crop(s) of {cfg.pipeline.crop_size} per field",
+        "tta": tta,
         "architecture": R.architecture_label(cfg), "loss": cfg.loss.kind,
         "n_fields": int(df["field"].nunique()) if len(df) else 0,
         "n_images": int(df["image"].nunique()) if len(df) else 0,

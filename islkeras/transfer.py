@@ -80,7 +80,7 @@ import copy
 import csv
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -101,6 +101,15 @@ class IslSource:
     savedmodel: Path
     meta: dict
     run_cfg: object = None  #: ExperimentConfig of the ISL run, or None (a SavedModel without its run folder)
+    _exported: object = field(default=None, repr=False, compare=False)
+
+    def exported(self):
+        """The SavedModel as an ``islkeras.export.savedmodel.ExportedModel``, loaded on first use only."""
+        if self._exported is None:
+            from islkeras.export.savedmodel import ExportedModel
+
+            self._exported = ExportedModel(self.savedmodel)
+        return self._exported
 
 
 def resolve_isl(path) -> Optional[IslSource]:
@@ -277,9 +286,8 @@ def build_segmentation_model(cfg, isl_savedmodel=None, n_inputs: Optional[int] =
 def isl_predictions(isl: IslSource, fields, inputs) -> list:
     """The ISL model's normalised prediction (z-score units) of each field's first target plane."""
     from islkeras import predict as P
-    from islkeras.export.savedmodel import ExportedModel
 
-    m = ExportedModel(isl.savedmodel)
+    m = isl.exported()
     out = []
     for f in fields:
         image = np.concatenate([f.arrays[c] for c in inputs], axis=-1)
@@ -300,13 +308,37 @@ def _fmt_opt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def threshold_ious(zs: list, masks: list, t: float) -> list[float]:
+    """Per-field IoU of ``z > t`` against the masks (non-zero = foreground; 1 when both are empty): the
+    segmentation of the calibrated start (``sigmoid(slope * (z - t)) > 0.5`` is ``z > t``) or of any
+    thresholded image."""
+    from islkeras.metrics_seg import iou_binary
+
+    return [iou_binary(np.asarray(z) > t, m) for z, m in zip(zs, masks)]
+
+
+def best_level(zs: list, masks: list) -> tuple[float, float, float]:
+    """``(t, mean IoU of z > t, median of z)``: the level whose ``z > t`` has the best mean IoU with the
+    masks (the middle of a plateau of near-best levels), searched on levels spaced evenly in value from the
+    median to the 99.995th percentile of ``z`` plus quantile levels (nuclei can cover 0.1 % of a field,
+    so the levels must reach far into the tail)."""
+    masks = [np.asarray(m) > 0 for m in masks]
+    sample = np.concatenate([np.asarray(z).ravel()[:: max(1, z.size // 200_000)] for z in zs]).astype(np.float64)
+    lo, hi = np.quantile(sample, [0.5, 0.99995])
+    levels = np.unique(np.concatenate([np.linspace(lo, hi, 200),
+                                       np.quantile(sample, np.linspace(0.5, 0.9999, 100))]).astype(np.float32))
+    scores = np.array([np.mean(threshold_ious(zs, masks, t)) for t in levels])
+    # the middle of the levels within 0.005 of the best IoU: the widest margin on both sides of a plateau
+    near = np.flatnonzero(scores >= scores.max() - 0.005)
+    best = int(near[len(near) // 2])
+    return float(levels[best]), float(scores[best]), float(lo)
+
+
 def fit_calibration(zs: list, masks: list, slope: Optional[float] = None) -> dict:
     """The head's operating point from the ISL predictions ``zs`` and the masks of the annotated fields.
 
-    ``t``: the level whose ``z > t`` has the best mean IoU with the masks (the metric; the middle of a
-    plateau of near-best levels), searched on levels spaced evenly in value from the median to the
-    99.995th percentile of ``z`` plus quantile levels (nuclei can cover 0.1 % of a field, so the levels
-    must reach far into the tail). ``slope`` (unless given): ``BACKGROUND_LOGIT / (median(z) - t)``, so the
+    ``t``: ``best_level`` (the level whose ``z > t`` has the best mean IoU with the masks, the metric).
+    ``slope`` (unless given): ``BACKGROUND_LOGIT / (median(z) - t)``, so the
     typical (background) pixel starts at p ~ 0.0025 and ``t`` at 0.5 whatever the units of the ISL
     normalisation (z-scores, percentile-scaled...). Both extremes failed: a slope leaving the background
     near p = 0.45 and the slope that minimises the step-0 soft Jaccard distance (a near-step function, where
@@ -314,23 +346,12 @@ def fit_calibration(zs: list, masks: list, slope: Optional[float] = None) -> dic
     epochs. Returns ``{"t", "slope", "train_iou", "train_jaccard"}`` (the last two: on the annotated
     fields, at step 0).
     """
-    from islkeras.metrics_seg import iou_binary
-
-    masks = [np.asarray(m) > 0 for m in masks]
-    sample = np.concatenate([z.ravel()[:: max(1, z.size // 200_000)] for z in zs]).astype(np.float64)
-    lo, hi = np.quantile(sample, [0.5, 0.99995])
-    levels = np.unique(np.concatenate([np.linspace(lo, hi, 200),
-                                       np.quantile(sample, np.linspace(0.5, 0.9999, 100))]).astype(np.float32))
-    scores = np.array([np.mean([iou_binary(z > t, m) for z, m in zip(zs, masks)]) for t in levels])
-    # the middle of the levels within 0.005 of the best IoU: the widest margin on both sides of a plateau
-    near = np.flatnonzero(scores >= scores.max() - 0.005)
-    best = int(near[len(near) // 2])
-    t = float(levels[best])
+    t, iou, median = best_level(zs, masks)
     if slope is None:
-        slope = BACKGROUND_LOGIT / min(float(lo) - t, -1e-6)
-    jac = [_soft_jaccard(1.0 / (1.0 + np.exp(-np.clip(slope * (z[::2, ::2] - t), -60, 60))), m[::2, ::2])
-           for z, m in zip(zs, masks)]
-    return {"t": t, "slope": float(slope), "train_iou": float(scores[best]), "train_jaccard": float(np.mean(jac))}
+        slope = BACKGROUND_LOGIT / min(median - t, -1e-6)
+    jac = [_soft_jaccard(1.0 / (1.0 + np.exp(-np.clip(slope * (z[::2, ::2] - t), -60, 60))),
+                         (np.asarray(m) > 0)[::2, ::2]) for z, m in zip(zs, masks)]
+    return {"t": t, "slope": float(slope), "train_iou": iou, "train_jaccard": float(np.mean(jac))}
 
 
 def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slope: Optional[float] = None) -> dict:
@@ -349,14 +370,6 @@ def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slo
         raise UserError(f"transfer.init all_calibrated: the head {head.name} has no bias to shift")
     head.set_weights([w[0] * cal["slope"], (w[1] - cal["t"]) * cal["slope"]])
     return cal
-
-
-def threshold_ious(zs: list, masks: list, t: float) -> list[float]:
-    """Per-field IoU of ``z > t`` against the masks (1 when both are empty): the segmentation of the
-    calibrated start (``sigmoid(slope * (z - t)) > 0.5`` is ``z > t``) or of any thresholded image."""
-    from islkeras.metrics_seg import iou_binary
-
-    return [iou_binary(np.asarray(z) > t, np.asarray(m) > 0) for z, m in zip(zs, masks)]
 
 
 def start_scores(isl: IslSource, cfg, manifest, mask_channel: str, t: float) -> dict:

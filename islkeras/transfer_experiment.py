@@ -81,9 +81,7 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
     if isl_cfg is not None and list(isl_cfg.data.inputs) != list(cfg.data.inputs):
         raise ConfigError(f"{tr.pretrain}: data.inputs {isl_cfg.data.inputs} differ from {cfg.source}'s "
                           f"{cfg.data.inputs}")
-    from islkeras.transfer_experiment import stain_threshold_reference
-
-    references = {n: stain_threshold_reference(cfg, manifest, n) for n in sweep}
+    references = stain_threshold_references(cfg, manifest, sweep)
     exp_dir = Path(out_dir) if out_dir else R.new_run_dir(cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     R.save_run_config(cfg, exp_dir)
@@ -183,23 +181,27 @@ def markdown_table(rows: list[dict], references: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
-def stain_threshold_reference(cfg, manifest: dict, n: int, stain: Optional[str] = None) -> Optional[float]:
-    """Mean test IoU of the true nuclear stain thresholded at the level (``fit_calibration``'s search) that
-    fits the masks of the first ``n`` train fields best; None without a stain channel or test fields."""
+def stain_threshold_references(cfg, manifest: dict, ns, stain: Optional[str] = None) -> dict:
+    """``{n: mean test IoU}`` of the true nuclear stain thresholded at the level (``transfer.best_level``,
+    the calibration's search) that fits the masks of the first ``n`` train fields best; None values without
+    a stain channel or test fields. The records are read once for all ``ns``."""
     from islkeras.data.records import load_fields
-    from islkeras.transfer import fit_calibration, threshold_ious, train_subset
+    from islkeras.transfer import best_level, threshold_ious, train_subset
 
     mask = cfg.transfer.mask_channel
     stain = stain or next((c for c in cfg.data.targets if c != mask and c not in cfg.data.masks), None)
     if stain is None or not any(f["split"] == "test" for f in manifest["fields"].values()):
-        return None
-    keep = set(train_subset(manifest, n))
-    train = [f for f in load_fields(cfg, "train", manifest=manifest, channels=[stain, mask]) if f.name in keep]
+        return {n: None for n in ns}
+    train = {f.name: f for f in load_fields(cfg, "train", manifest=manifest, channels=[stain, mask])}
     test = load_fields(cfg, "test", manifest=manifest, channels=[stain, mask])
-    t = fit_calibration([f.arrays[stain][..., 0].astype(np.float32) for f in train],
-                        [f.arrays[mask][..., 0] for f in train], slope=1.0)["t"]
-    return float(np.mean(threshold_ious([f.arrays[stain][..., 0] for f in test],
-                                        [f.arrays[mask][..., 0] for f in test], t)))
+    out = {}
+    for n in ns:
+        chosen = [train[name] for name in train_subset(manifest, n)]
+        t = best_level([f.arrays[stain][..., 0].astype(np.float32) for f in chosen],
+                       [f.arrays[mask][..., 0] for f in chosen])[0]
+        out[n] = float(np.mean(threshold_ious([f.arrays[stain][..., 0] for f in test],
+                                              [f.arrays[mask][..., 0] for f in test], t)))
+    return out
 
 
 def write_results(exp_dir: Path, rows: list[dict], per_field: list[dict], summary: Optional[dict] = None,
