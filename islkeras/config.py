@@ -76,6 +76,9 @@ class PipelineConfig:
     drop_empty: bool = False  #: drop crops whose target is empty (below the stored threshold)
     empty_fraction: float = 0.005  #: a crop is empty when fewer target pixels are above threshold
     shuffle_buffer: int = 64
+    #: column of the split CSV (data.split.csv), e.g. the experiment a field comes from: training draws
+    #: fields so that every group of that column is sampled equally often, whatever its number of fields
+    balance_by: Optional[str] = None
     eval_mode: Literal["grid", "whole"] = "grid"  #: val/test crops: fixed grid of crops, or whole fields
     cache: bool = True  #: keep decoded records in memory (fields are read once)
     seed: int = 0
@@ -361,6 +364,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         )
     if p.crops_per_field < 1:
         raise ConfigError(f"{src}: pipeline.crops_per_field must be >= 1")
+    if p.balance_by is not None and s.csv is None:
+        raise ConfigError(f"{src}: pipeline.balance_by {p.balance_by!r} names a column of the split CSV, "
+                          f"but data.split.csv is not set")
     t = cfg.training
     for key in ("batch_size", "epochs", "steps_per_epoch"):
         if getattr(t, key) < 1:

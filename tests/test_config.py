@@ -67,6 +67,11 @@ def test_split_and_pipeline_validation(tmp_path):
     d["pipeline"]["percentiles"] = [1.0, 99.7]
     with pytest.raises(ConfigError, match="stored percentiles"):
         from_dict(d, tmp_path, "x.json")
+    d = _demo(tmp_path)
+    d["data"]["split"] = {"fractions": {"train": 1.0}}
+    d["pipeline"]["balance_by"] = "stratum"
+    with pytest.raises(ConfigError, match="balance_by 'stratum' names a column of the split CSV"):
+        from_dict(d, tmp_path, "x.json")
 
 
 def test_missing_weights_file_fails_at_load(tmp_path):

@@ -10,7 +10,7 @@ import tifffile
 from islkeras.config import from_dict, load_config
 from islkeras.data import records
 from islkeras.data.normalize import offset_scale
-from islkeras.data.pipeline import eval_steps, make_dataset, normalization_meta
+from islkeras.data.pipeline import _field_params, eval_steps, make_dataset, normalization_meta
 from islkeras.errors import DataError
 
 
@@ -32,7 +32,7 @@ def write_pattern(root: Path, n_fields=1, h=96, w=128, sizes=None):
         tifffile.imwrite(d / "mask.tif", mask)
 
 
-def pattern_cfg(tmp_path, n_fields=1, pipeline=None, sizes=None, fractions=None, h=96, w=128):
+def pattern_cfg(tmp_path, n_fields=1, pipeline=None, sizes=None, fractions=None, h=96, w=128, split=None):
     root = tmp_path / "data"
     if not root.exists():
         write_pattern(root, n_fields, h=h, w=w, sizes=sizes)
@@ -42,7 +42,7 @@ def pattern_cfg(tmp_path, n_fields=1, pipeline=None, sizes=None, fractions=None,
          "data": {"root": str(root), "fields": "f*",
                   "channels": {"inp": {"file": "inp.tif"}, "tgt": {"file": "tgt.tif"}, "mask": {"file": "mask.tif"}},
                   "inputs": ["inp"], "targets": ["tgt"], "masks": ["mask"],
-                  "split": {"fractions": fractions or {"train": 1.0}}, "records": str(tmp_path / "rec"),
+                  "split": split or {"fractions": fractions or {"train": 1.0}}, "records": str(tmp_path / "rec"),
                   "shard_size": 2},
          "pipeline": pipe, "training": {"batch_size": 8}}
     cfg = from_dict(d, base_dir=tmp_path, source="test")
@@ -328,3 +328,28 @@ def test_fields_filter(tmp_path):
             locate(xi.astype(np.float64) * s["std"][0] + s["mean"][0], fields["f1"])
     with pytest.raises(DataError, match="fields f7: not records of split 'train'"):
         make_dataset(cfg, "train", True, m, fields=["f7"])
+
+
+def test_balance_by_samples_groups_equally(tmp_path):
+    """3 fields in group A, 1 in group B: balanced, B gives about half the crops (a quarter without)."""
+    root = tmp_path / "data"
+    write_pattern(root, 4, h=64, w=64)  # values of field i: 10000*i + 1..4096, so raw // 10000 is the field
+    (root / "fields.csv").write_text("fov,split,group\nf0,train,A\nf1,train,A\nf2,train,A\nf3,train,B\n")
+    split = {"csv": "fields.csv:split"}
+
+    def fields_seen(balance_by):
+        cfg, m = pattern_cfg(tmp_path, 4, split=split, h=64, w=64,
+                             pipeline={"normalization": "dataset", "balance_by": balance_by})
+        xo, xs = (float(a[0][0]) for a in _field_params(cfg, m, ["f0"], ["inp"], ["tgt"])[:2])  # same for all
+        out = []
+        for x, _ in make_dataset(cfg, "train", True, m).take(50):
+            raw = np.rint(x.numpy()[..., 0] * xs + xo)
+            out += [int(r.min()) // 10000 for r in raw]
+        return np.bincount(out, minlength=4) / len(out)
+
+    plain, balanced = fields_seen(None), fields_seen("group")
+    assert plain[3] < 0.35 and 0.4 < balanced[3] < 0.6, (plain, balanced)
+    assert (balanced[:3] > 0.08).all()  # every field of the larger group is still drawn
+    cfg, m = pattern_cfg(tmp_path, 4, split=split, h=64, w=64, pipeline={"balance_by": "stain"})
+    with pytest.raises(DataError, match="no column 'stain'"):
+        make_dataset(cfg, "train", True, m)

@@ -2,7 +2,8 @@
 
 Training (infinite)::
 
-    shards -> parse + decode (raw dtype) -> cache -> shuffle fields -> repeat -> enumerate
+    shards -> parse + decode (raw dtype) -> cache -> shuffle fields -> repeat (with ``balance_by``: one
+           shuffled, repeated stream per group of fields, interleaved at random with equal weights) -> enumerate
            -> crops_per_field random crops of the RAW tensors (stateless RNG seeded by pipeline.seed and the
               element counter, so a run is reproducible) -> [drop empty crops: target below its threshold]
            -> cast + normalise the crop only, with its field's offset/scale (precomputed from the manifest's
@@ -142,6 +143,28 @@ def dihedral(tf, a, k):
     return tf.switch_case(k, branches)
 
 
+def _balanced_fields(tf, cfg, ds, names: list[str], seed: int):
+    """Endless stream of cached field records in which every group of ``pipeline.balance_by`` (a column of
+    the split CSV) is equally likely, fields shuffled within their group."""
+    import logging
+
+    from islkeras.data.records import field_groups
+
+    groups = field_groups(cfg, names, cfg.pipeline.balance_by)
+    logging.getLogger(__name__).info(
+        "training fields balanced over %s: %s", cfg.pipeline.balance_by,
+        ", ".join(f"{g} {len(m)}" for g, m in sorted(groups.items())))
+    group_of = tf.constant([sorted(groups).index(next(g for g, m in groups.items() if n in m)) for n in names],
+                           tf.int32)
+    streams = []
+    for gi, g in enumerate(sorted(groups)):
+        part = ds.filter(lambda idx, name, xr, yr, gi=gi: tf.gather(group_of, tf.cast(idx, tf.int32)) == gi)
+        streams.append(part.shuffle(len(groups[g]), seed=seed + 7 * gi, reshuffle_each_iteration=True).repeat())
+    if len(streams) == 1:
+        return streams[0]
+    return tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(streams)] * len(streams), seed=seed)
+
+
 def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = None,
                  targets: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
                  inputs: Optional[Sequence[str]] = None, with_names: bool = False,
@@ -234,7 +257,11 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
     if training:
         k_crops = int(p.crops_per_field)
         seed = int(p.seed)
-        ds = ds.shuffle(len(names), seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+        if p.balance_by:
+            ds = _balanced_fields(tf, cfg, ds, names, seed)
+        else:
+            ds = ds.shuffle(len(names), seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.enumerate()
 
         def crops(i, el):
             idx, _, xr, yr = el

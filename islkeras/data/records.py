@@ -144,28 +144,52 @@ def _try_manifest(records_dir) -> Optional[dict]:
 
 
 # ------------------------------------------------------------------------------------------- splitting
+def _csv_column(cfg, column: str) -> tuple[dict[str, str], Path, str]:
+    """``{field id: value}`` of one column of the split CSV (``data.split.csv``), its path and id column."""
+    s = cfg.data.split
+    if s.csv is None:
+        raise DataError(f"column {column!r} of the split CSV was asked for, but data.split.csv is not set")
+    rel = s.csv.rsplit(":", 1)[0]
+    path = Path(cfg.data.root) / rel
+    if not path.is_file():
+        raise DataError(f"split CSV {path} not found (data.split.csv {s.csv!r}, relative to data.root)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        id_col = s.id_column or (cols[0] if cols else None)
+        for c in (id_col, column):
+            if c not in cols:
+                raise DataError(f"{path}: no column {c!r} (columns: {', '.join(cols)})")
+        table = {}
+        for row in reader:
+            fid = (row[id_col] or "").strip()
+            if fid:
+                table[fid] = (row[column] or "").strip()
+    return table, path, id_col
+
+
+def field_groups(cfg, names: list[str], column: str) -> dict[str, list[str]]:
+    """Group -> record names by a column of the split CSV (e.g. the experiment or stratum a field comes
+    from). Record names of spatial splits (``field@split``) are looked up by their field."""
+    table, path, id_col = _csv_column(cfg, column)
+    out: dict[str, list[str]] = {}
+    for n in names:
+        fid = n.split("@", 1)[0]
+        if not table.get(fid):
+            raise DataError(f"{path}: no value in column {column!r} for field {fid} (pipeline.balance_by; "
+                            f"id column {id_col!r})")
+        out.setdefault(table[fid], []).append(n)
+    return out
+
+
 def assign_splits(cfg, names: list[str]) -> dict[str, str]:
     """Field name -> split for csv and fractions splits (spatial: every field -> "spatial")."""
     s = cfg.data.split
     if s.spatial is not None:
         return {n: "spatial" for n in names}
     if s.csv is not None:
-        rel, column = s.csv.rsplit(":", 1)
-        path = Path(cfg.data.root) / rel
-        if not path.is_file():
-            raise DataError(f"split CSV {path} not found (data.split.csv {s.csv!r}, relative to data.root)")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            id_col = s.id_column or (cols[0] if cols else None)
-            for c in (id_col, column):
-                if c not in cols:
-                    raise DataError(f"{path}: no column {c!r} (columns: {', '.join(cols)})")
-            table = {}
-            for row in reader:
-                fid = (row[id_col] or "").strip()
-                if fid:
-                    table[fid] = (row[column] or "").strip()
+        column = s.csv.rsplit(":", 1)[1]
+        table, path, id_col = _csv_column(cfg, column)
         missing = [n for n in names if n not in table]
         if missing:
             raise DataError(f"{path}: no row for field(s) {', '.join(missing[:5])} (column {id_col!r})")
