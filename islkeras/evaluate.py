@@ -38,7 +38,6 @@ Everything goes to ``RUN_DIR/evaluate/<split>/`` (or ``--out``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from pathlib import Path

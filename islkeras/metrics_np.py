@@ -26,7 +26,7 @@ values only, with ``n`` (images) and ``n_finite``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 

@@ -256,7 +256,6 @@ def build_segmentation_model(cfg, isl_savedmodel=None, n_inputs: Optional[int] =
     defaults to the ISL model's input planes, else ``len(cfg.data.inputs)``. Returns the Keras model;
     ``model.transfer_info`` tells what was copied.
     """
-    import tensorflow as tf
 
     from islkeras.models.unet import build_generator
 
@@ -638,11 +637,8 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             monitor = monitor[4:]
         ckpt = run_dir / "ckpt"
         # as in `islkeras fit` (frozen BatchNorm: the re-estimation is a no-op)
-        recal_ds = D.distribute_dataset(
-            make_dataset(cfg, "train", training=True, manifest=manifest, targets=[mask], fields=mine or keep),
-            strategy, 0, sharded_by_file=bool(mine))
         control, callbacks = training_callbacks(t, model, run_dir, save_dir, monitor, start, strategy, chief,
-                                                recal_ds)
+                                                train_ds)
         verbose = keras_verbosity(verbose)
         src = f"ISL {isl.savedmodel} ({info['init']}: {len(info['copied'])} layers copied)" if isl else "scratch"
         click.echo(f"islkeras transfer: {cfg.name} from {src}, {len(keep)} train field(s) -> {run_dir}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import os
 import time
 from pathlib import Path

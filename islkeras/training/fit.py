@@ -211,10 +211,9 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
         if val_ds is None and monitor.startswith("val_"):
             monitor = monitor[4:]
         ckpt = run_dir / "ckpt"
-        recal_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest, fields=mine),
-                                        strategy, len(shard_paths(cfg, manifest, "train")), sharded_by_file=bool(mine))
+        # BatchNorm re-estimation draws its own iterator of the training stream (same seeds, same crops)
         control, callbacks = training_callbacks(t, generator, run_dir, save_dir, monitor, start, strategy, chief,
-                                                recal_ds)
+                                                train_ds)
         verbose = keras_verbosity(verbose)
         click.echo(f"islkeras fit: {cfg.name} ({cfg.loss.kind}, {cfg.model.architecture}"
                    f"{'/' + cfg.model.backbone if cfg.model.architecture == 'unet_sm' else ''}) -> {run_dir}"
