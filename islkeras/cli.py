@@ -71,8 +71,18 @@ def cli():
 
 def main(argv=None):
     """Console-script entry point: errors from islkeras become one line on stderr, exit code 1."""
+    import logging
+
     from islkeras.errors import UserError
 
+    # the package's own messages (records being converted, how training fields are drawn, ...) on stderr
+    log = logging.getLogger("islkeras")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("islkeras: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         return cli.main(args=argv, prog_name="islkeras", standalone_mode=True)
     except UserError as e:  # raised outside a command's own handling
