@@ -154,10 +154,11 @@ def _balanced_fields(tf, cfg, ds, names: list[str], seed: int):
     logging.getLogger(__name__).info(
         "training fields balanced over %s: %s", cfg.pipeline.balance_by,
         ", ".join(f"{g} {len(m)}" for g, m in sorted(groups.items())))
-    group_of = tf.constant([sorted(groups).index(next(g for g, m in groups.items() if n in m)) for n in names],
-                           tf.int32)
+    order = sorted(groups)
+    gid = {n: order.index(g) for g, members in groups.items() for n in members}
+    group_of = tf.constant([gid[n] for n in names], tf.int32)  # record index -> group index
     streams = []
-    for gi, g in enumerate(sorted(groups)):
+    for gi, g in enumerate(order):
         part = ds.filter(lambda idx, name, xr, yr, gi=gi: tf.gather(group_of, tf.cast(idx, tf.int32)) == gi)
         streams.append(part.shuffle(len(groups[g]), seed=seed + 7 * gi, reshuffle_each_iteration=True).repeat())
     if len(streams) == 1:
