@@ -256,7 +256,6 @@ def build_segmentation_model(cfg, isl_savedmodel=None, n_inputs: Optional[int] =
     defaults to the ISL model's input planes, else ``len(cfg.data.inputs)``. Returns the Keras model;
     ``model.transfer_info`` tells what was copied.
     """
-
     from islkeras.models.unet import build_generator
 
     init = init or (cfg.transfer.init if cfg.transfer is not None else "all_but_head")
