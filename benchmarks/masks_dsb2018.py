@@ -1,8 +1,8 @@
 """Evaluate nucleus masks on ../shared/data/dsb2018-nuclei (and the stardist fixture); print JSON.
 
 Metrics per image, averaged over images: instance AP at IoU 0.5 (TP / (TP + FP + FN), Data Science Bowl /
-cellpose definition, :func:`islkeras.metrics_seg.average_precision`) and pixel Jaccard of the predicted
-foreground vs ``labels > 0`` (:func:`islkeras.metrics_seg.iou_binary`). The classical defaults were tuned
+cellpose definition, :func:`islkeras.segmentation.metrics.average_precision`) and pixel Jaccard of the predicted
+foreground vs ``labels > 0`` (:func:`islkeras.segmentation.metrics.iou_binary`). The classical defaults were tuned
 on the even-indexed half of fields.csv, so the odd-indexed ("holdout") half is reported separately.
 
     python benchmarks/masks_dsb2018.py                                  # classical only (~5 s)
@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from islkeras.masks import ClassicalParams, MasksError, make_segmenter  # noqa: E402
-from islkeras.metrics_seg import average_precision, iou_binary  # noqa: E402
+from islkeras.segmentation.masks import ClassicalParams, MasksError, make_segmenter  # noqa: E402
+from islkeras.segmentation.metrics import average_precision, iou_binary  # noqa: E402
 from islkeras.utils import shared_data_dir  # noqa: E402
 
 

@@ -4,11 +4,11 @@
         [--repeats 2] [--mem-sizes 2048 4096] [--backbone densenet121 | --plain-unet] [--skip-memory]
 
 Prints one JSON object. Model: segmentation-models U-Net with a DenseNet121 encoder, random init, 1 input
-and 1 output channel, exported with ``islkeras.export.savedmodel.export_savedmodel`` and loaded as an
+and 1 output channel, exported with ``islkeras.models.savedmodel.export_savedmodel`` and loaded as an
 ``ExportedModel``. Field: real aiseg bright-field (fov_002, 1024^2 uint8) tiled to the size asked for
 (random uint8 when the shared data is missing).
 
-* ``timing``: ``islkeras.predict.predict_field`` on a ``size``^2 field (whole-field normalisation,
+* ``timing``: ``islkeras.inference.predict.predict_field`` on a ``size``^2 field (whole-field normalisation,
   reflection padding, tiling, blending, mapping to the target scale) against the bare forward pass
   (``ExportedModel.predict_normalized``) over the same number of tiles of the same size in the same
   batches, after one warm-up of each; runs alternate (bare, tiled, bare, tiled...) so machine load hits
@@ -57,7 +57,7 @@ def export_model(out: Path, backbone: str, plain: bool) -> Path:
     import tensorflow as tf
 
     from islkeras.config import ModelConfig
-    from islkeras.export.savedmodel import export_savedmodel
+    from islkeras.models.savedmodel import export_savedmodel
     from islkeras.models.unet import build_generator
 
     tf.keras.utils.set_random_seed(0)
@@ -90,8 +90,8 @@ def peak_rss_bytes() -> int:
 
 # ------------------------------------------------------------------------------------------ timing
 def timing(model_dir: Path, size: int, tile: int, overlap: int, batch: int, repeats: int) -> dict:
-    from islkeras.export.savedmodel import ExportedModel
-    from islkeras.predict import predict_field, tile_plan
+    from islkeras.models.savedmodel import ExportedModel
+    from islkeras.inference.predict import predict_field, tile_plan
 
     em = ExportedModel(model_dir)
     field = make_field(size)
@@ -147,8 +147,8 @@ def timing(model_dir: Path, size: int, tile: int, overlap: int, batch: int, repe
 def memory_child(model_dir: str, size: int, tile: int, overlap: int, batch: int) -> dict:
     import tracemalloc
 
-    from islkeras.export.savedmodel import ExportedModel
-    from islkeras.predict import predict_field
+    from islkeras.models.savedmodel import ExportedModel
+    from islkeras.inference.predict import predict_field
 
     em = ExportedModel(model_dir)
     before_warm = rss_bytes()

@@ -65,7 +65,7 @@ def rss_mb(pid: int) -> float:
 
 
 def build_base(base: Path, model_path, filters: int, depth: int) -> Path:
-    from islkeras.export.savedmodel import copy_savedmodel, export_savedmodel
+    from islkeras.models.savedmodel import copy_savedmodel, export_savedmodel
 
     dst = base / "bench" / "1"
     if model_path:
@@ -143,7 +143,7 @@ def main():
 
     import tifffile
 
-    from islkeras.export.savedmodel import ExportedModel
+    from islkeras.models.savedmodel import ExportedModel
 
     from islkeras.utils import keep_large_buffers
 

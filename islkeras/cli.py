@@ -16,13 +16,13 @@ from islkeras import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("islkeras.data.records:convert_command", "TIFF folders -> TFRecord shards + manifest.json."),
     "fit": ("islkeras.training.fit:fit_command", "Train an ISL model from an experiment config; writes a run folder."),
-    "evaluate": ("islkeras.evaluate:evaluate_command", "PCC/SSIM/PSNR per image of a run on a split; figures."),
-    "predict": ("islkeras.predict:predict_command", "Whole-field tiled prediction, TIFF in -> TIFF out."),
-    "report": ("islkeras.report:report_command", "Compare several runs: table (CSV/Markdown) and PCC box plot."),
-    "masks": ("islkeras.masks:masks_command", "Nucleus instance labels and binary masks from a nuclei stain."),
-    "transfer": ("islkeras.transfer:transfer_command", "Fine-tune a nuclei segmentation net from an ISL model."),
+    "evaluate": ("islkeras.evaluation.evaluate:evaluate_command", "PCC/SSIM/PSNR per image of a run on a split; figures."),
+    "predict": ("islkeras.inference.predict:predict_command", "Whole-field tiled prediction, TIFF in -> TIFF out."),
+    "report": ("islkeras.evaluation.report:report_command", "Compare several runs: table (CSV/Markdown) and PCC box plot."),
+    "masks": ("islkeras.segmentation.masks:masks_command", "Nucleus instance labels and binary masks from a nuclei stain."),
+    "transfer": ("islkeras.segmentation.transfer:transfer_command", "Fine-tune a nuclei segmentation net from an ISL model."),
     "export": ("islkeras.export.serving:export_command", "Export a run as MODEL_BASE/<name>/<version>/ for TF Serving."),
-    "serve": ("islkeras.serve:serve_command", "TF-Serving-compatible REST server for exported models."),
+    "serve": ("islkeras.serving.app:serve_command", "TF-Serving-compatible REST server for exported models."),
     "demo": ("islkeras.demo:demo_command", "Synthetic data end to end: convert -> fit -> evaluate -> predict."),
 }
 

@@ -140,18 +140,18 @@ class TrainingConfig:
 
 @dataclass
 class TransferConfig:
-    """``islkeras transfer``: nuclei segmentation initialised from an ISL model (see islkeras.transfer)."""
+    """``islkeras transfer``: nuclei segmentation initialised from an ISL model (see islkeras.segmentation.transfer)."""
 
     isl_run: Optional[str] = None  #: ISL run folder or SavedModel; null trains from scratch
     mask_channel: str = "mask"
     train_fields: Optional[int] = None  #: use only the first N train fields, sorted by name (null = all)
-    init: Literal["all_calibrated", "all_but_head", "all"] = "all_calibrated"  #: see islkeras.transfer
+    init: Literal["all_calibrated", "all_but_head", "all"] = "all_calibrated"  #: see islkeras.segmentation.transfer
     threshold: float = 0.5
     calibration_slope: Optional[float] = None  #: all_calibrated: logit = slope*(z - t); null: background at p~0.0025
     keep_start: bool = True  #: all_calibrated: score the start on val/test; keep it if no epoch beats it on val
     freeze_batchnorm: bool = False  #: ISL-initialised runs keep the ISL BatchNorm statistics (frozen)
     isl_learning_rate: Optional[float] = None  #: learning rate of ISL-initialised runs (null: training.learning_rate)
-    # few-image experiment (islkeras.transfer_experiment): set sweep_train_fields to run it
+    # few-image experiment (islkeras.segmentation.experiment): set sweep_train_fields to run it
     sweep_train_fields: Optional[list[int]] = None  #: e.g. [1, 3, 18]: ISL-initialised vs scratch per N
     compare_scratch: bool = True  #: in a sweep, also train every N from scratch
     pretrain: Optional[str] = None  #: ISL experiment config trained first when isl_run is null (sweep only)

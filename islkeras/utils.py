@@ -1,7 +1,8 @@
-"""Small shared helpers: atomic writes, progress bars, locating the shared data."""
+"""Small shared helpers: atomic writes, progress bars, locating the shared data, figures on the Agg canvas."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -120,3 +121,21 @@ def keep_large_buffers(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 102
     ok = [mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb * mb), mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb * mb),
           mallopt(_M_TOP_PAD, top_pad_mb * mb)]
     return all(v == 1 for v in ok)
+
+
+# ------------------------------------------------------------------------------------------- figures
+def new_figure(figsize=(6.0, 4.0)):
+    """A matplotlib Figure on an Agg canvas (thread-safe, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: Union[str, Path], dpi: int = 100) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -1,6 +1,6 @@
 """``islkeras export``: a run's SavedModel -> ``MODEL_BASE/<name>/<version>/``, the layout TF Serving loads.
 
-The SavedModel written by ``fit``/``transfer`` (see ``islkeras.export.savedmodel``) already carries the
+The SavedModel written by ``fit``/``transfer`` (see ``islkeras.models.savedmodel``) already carries the
 ``serving_default`` signature (raw images in, float32 predictions out on the target's scale) and the
 ``assets/islkeras.json`` metadata; exporting copies it atomically into a numbered version folder and adds
 the run's config name and hash to the metadata. The same folder is served by
@@ -64,7 +64,7 @@ def export_model(run_dir: Union[str, Path], model_base: Union[str, Path], name: 
     ``name`` defaults to the run config's name, ``version`` to the highest existing version + 1 (1 for a
     new model). An existing version is only replaced with ``overwrite``.
     """
-    from islkeras.export.savedmodel import copy_savedmodel, find_savedmodel, read_meta
+    from islkeras.models.savedmodel import copy_savedmodel, find_savedmodel, read_meta
 
     run_dir = Path(run_dir)
     src = find_savedmodel(run_dir)

@@ -2,7 +2,7 @@
 
 The discriminator sees the transmitted-light input and a fluorescence image (real or generated)
 concatenated along channels, and outputs one *logit* per overlapping patch (70x70 receptive field
-with the default 3 strided layers). Losses use ``from_logits=True`` (see ``islkeras.losses``).
+with the default 3 strided layers). Losses use ``from_logits=True`` (see ``islkeras.training.losses``).
 """
 from __future__ import annotations
 

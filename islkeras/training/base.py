@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from islkeras.metrics import pcc_metrics
+from islkeras.training.metrics import pcc_metrics
 
 
 class GeneratorModel(tf.keras.Model):

@@ -48,14 +48,14 @@ def build_training_model(cfg, n_inputs: int, n_outputs: int):
     """
     import tensorflow as tf
 
-    from islkeras.metrics import pcc_metrics
+    from islkeras.training.metrics import pcc_metrics
     from islkeras.models.unet import build_generator
 
     t, lc = cfg.training, cfg.loss
     generator = build_generator(cfg.model, n_inputs, n_outputs, activation="linear")
     kind = lc.kind
     if kind in ("l1", "l2"):
-        from islkeras.losses import pixel_loss
+        from islkeras.training.losses import pixel_loss
 
         model = generator
         model.compile(optimizer=_adam(tf, t.learning_rate), loss=pixel_loss(kind), metrics=pcc_metrics(),
@@ -69,7 +69,7 @@ def build_training_model(cfg, n_inputs: int, n_outputs: int):
         model.compile(g_optimizer=_adam(tf, t.learning_rate, 0.5),
                       d_optimizer=_adam(tf, lc.discriminator_lr or t.learning_rate, 0.5), jit_compile=t.jit_compile)
     elif kind == "perceptual":
-        from islkeras.losses import PerceptualLoss
+        from islkeras.training.losses import PerceptualLoss
         from islkeras.models.vgg import VGGFeatures
         from islkeras.training.perceptual import PerceptualModel
 
@@ -169,7 +169,7 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
 
     from islkeras.data.pipeline import make_dataset
     from islkeras.data.records import ensure_records, shard_paths
-    from islkeras.export.savedmodel import export_savedmodel
+    from islkeras.models.savedmodel import export_savedmodel
     from islkeras.training import distribute as D
     from islkeras.utils import atomic_write_json
 

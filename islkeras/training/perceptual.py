@@ -3,7 +3,7 @@
 Loss per example (weights from ``loss.*_weight``, defaults as in the thesis)::
 
     0.8 * content (squared VGG19 feature difference per element relative to the target's feature
-                   energy, averaged over the chosen layers -- see ``islkeras.losses.content_per_example``)
+                   energy, averaged over the chosen layers -- see ``islkeras.training.losses.content_per_example``)
   + 0.1 * pixel   (mean L1 -- or L2 -- per pixel)
   + 0.1 * tv      (mean absolute neighbour difference of the prediction per pixel)
   [+ style * Gram-matrix difference, optional]
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from islkeras.losses import PerceptualLoss
+from islkeras.training.losses import PerceptualLoss
 from islkeras.training.base import GeneratorModel
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from islkeras import losses as L
+from islkeras.training import losses as L
 from islkeras.training.base import GeneratorModel
 
 
