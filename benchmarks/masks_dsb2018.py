@@ -21,7 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from islkeras.segmentation.masks import ClassicalParams, MasksError, make_segmenter  # noqa: E402
+from islkeras.segmentation.classical import ClassicalParams  # noqa: E402
+from islkeras.segmentation.mask_io import MasksError  # noqa: E402
+from islkeras.segmentation.masks import make_segmenter  # noqa: E402
 from islkeras.segmentation.metrics import average_precision, iou_binary  # noqa: E402
 from islkeras.utils import shared_data_dir  # noqa: E402
 

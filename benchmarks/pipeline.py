@@ -124,7 +124,8 @@ def main(argv=None):
     import tensorflow as tf
 
     from islkeras.config import load_config
-    from islkeras.data.records import convert, shard_paths
+    from islkeras.data.reader import shard_paths
+    from islkeras.data.records import convert
 
     tmp = None
     records = args.records

@@ -8,7 +8,7 @@ and 1 output channel, exported with ``islkeras.models.savedmodel.export_savedmod
 ``ExportedModel``. Field: real aiseg bright-field (fov_002, 1024^2 uint8) tiled to the size asked for
 (random uint8 when the shared data is missing).
 
-* ``timing``: ``islkeras.inference.predict.predict_field`` on a ``size``^2 field (whole-field normalisation,
+* ``timing``: ``islkeras.inference.tiling.predict_field`` on a ``size``^2 field (whole-field normalisation,
   reflection padding, tiling, blending, mapping to the target scale) against the bare forward pass
   (``ExportedModel.predict_normalized``) over the same number of tiles of the same size in the same
   batches, after one warm-up of each; runs alternate (bare, tiled, bare, tiled...) so machine load hits
@@ -91,7 +91,7 @@ def peak_rss_bytes() -> int:
 # ------------------------------------------------------------------------------------------ timing
 def timing(model_dir: Path, size: int, tile: int, overlap: int, batch: int, repeats: int) -> dict:
     from islkeras.models.savedmodel import ExportedModel
-    from islkeras.inference.predict import predict_field, tile_plan
+    from islkeras.inference.tiling import predict_field, tile_plan
 
     em = ExportedModel(model_dir)
     field = make_field(size)
@@ -148,7 +148,7 @@ def memory_child(model_dir: str, size: int, tile: int, overlap: int, batch: int)
     import tracemalloc
 
     from islkeras.models.savedmodel import ExportedModel
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     em = ExportedModel(model_dir)
     before_warm = rss_bytes()

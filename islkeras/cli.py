@@ -20,9 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("islkeras.inference.predict:predict_command", "Whole-field tiled prediction, TIFF in -> TIFF out."),
     "report": ("islkeras.evaluation.report:report_command", "Compare several runs: table (CSV/Markdown) and PCC box plot."),
     "masks": ("islkeras.segmentation.masks:masks_command", "Nucleus instance labels and binary masks from a nuclei stain."),
-    "transfer": ("islkeras.segmentation.transfer:transfer_command", "Fine-tune a nuclei segmentation net from an ISL model."),
+    "transfer": ("islkeras.segmentation.experiment:transfer_command", "Fine-tune a nuclei segmentation net from an ISL model."),
     "export": ("islkeras.export.serving:export_command", "Export a run as MODEL_BASE/<name>/<version>/ for TF Serving."),
-    "serve": ("islkeras.serving.app:serve_command", "TF-Serving-compatible REST server for exported models."),
+    "serve": ("islkeras.serving.http:serve_command", "TF-Serving-compatible REST server for exported models."),
     "demo": ("islkeras.demo:demo_command", "Synthetic data end to end: convert -> fit -> evaluate -> predict."),
 }
 

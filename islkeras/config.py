@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-
 from islkeras.errors import ConfigError  # noqa: E402  (re-exported)
 
 
@@ -187,6 +186,9 @@ class ExperimentConfig:
 
 # --------------------------------------------------------------------------------------------- parsing
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: JSON scalar types of the config: accepted Python types and their name in errors
+_SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+            str: (str, "a string")}
 
 
 def expand_path(value: str, base_dir: Union[str, Path]) -> str:
@@ -235,14 +237,13 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: null is not allowed, expected {_type_name(tp)}")
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(value, a, path, source)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:  # try the next type of the union
+                pass
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {json.dumps(value)[:60]}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -251,36 +252,23 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: {json.dumps(value)} is not one of {_type_name(tp)}{hint}")
         return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {json.dumps(value)[:60]}")
-        return _from_dict(tp, value, path, source)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {json.dumps(value)[:60]}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{path}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
+    if dataclasses.is_dataclass(tp) or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected an object, got {json.dumps(value)[:60]}")
+        if origin is not dict:
+            return _from_dict(tp, value, path, source)
         _, vt = typing.get_args(tp)
         return {str(k): _convert(v, vt, f"{path}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {json.dumps(value)[:60]}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {json.dumps(value)[:60]}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {json.dumps(value)[:60]}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {json.dumps(value)[:60]}")
-        return value
+    if tp in _SCALARS:  # a bool is not accepted as a number
+        types, what = _SCALARS[tp]
+        if not isinstance(value, types) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{where}: expected {what}, got {json.dumps(value)[:60]}")
+        return float(value) if tp is float else value
     if tp is Any:
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")
@@ -375,12 +363,11 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"{src}: training.learning_rate must be > 0")
     if cfg.loss.kind in ("l1", "l2", "pix2pix", "perceptual") and not d.targets and cfg.transfer is None:
         raise ConfigError(f"{src}: data.targets is empty; an ISL experiment needs at least one target channel")
-    if cfg.transfer is not None and cfg.transfer.mask_channel not in d.channels:
-        raise ConfigError(
-            f"{src}: transfer.mask_channel {cfg.transfer.mask_channel!r} is not in data.channels ({', '.join(d.channels)})"
-        )
     tr = cfg.transfer
     if tr is not None:
+        if tr.mask_channel not in d.channels:
+            raise ConfigError(
+                f"{src}: transfer.mask_channel {tr.mask_channel!r} is not in data.channels ({', '.join(d.channels)})")
         if tr.train_fields is not None and tr.train_fields < 1:
             raise ConfigError(f"{src}: transfer.train_fields must be >= 1 or null (all), got {tr.train_fields}")
         if tr.sweep_train_fields is not None and (not tr.sweep_train_fields or min(tr.sweep_train_fields) < 1):
@@ -399,19 +386,13 @@ def _validate(cfg: ExperimentConfig) -> None:
 
 def _resolve_paths(cfg: ExperimentConfig) -> None:
     b = cfg.base_dir
-    cfg.data.root = expand_path(cfg.data.root, b)
-    cfg.data.records = expand_path(cfg.data.records, b)
-    cfg.training.runs_dir = expand_path(cfg.training.runs_dir, b)
-    for key in ("encoder_weights",):
-        v = getattr(cfg.model, key)
-        if v not in (None, "imagenet"):
-            setattr(cfg.model, key, expand_path(v, b))
-    if cfg.loss.vgg_weights not in (None, "imagenet"):
-        cfg.loss.vgg_weights = expand_path(cfg.loss.vgg_weights, b)
-    if cfg.transfer is not None and cfg.transfer.isl_run is not None:
-        cfg.transfer.isl_run = expand_path(cfg.transfer.isl_run, b)
-    if cfg.transfer is not None and cfg.transfer.pretrain is not None:
-        cfg.transfer.pretrain = expand_path(cfg.transfer.pretrain, b)
+    # (section, path key, values that are not paths)
+    for section, key, keep in ((cfg.data, "root", ()), (cfg.data, "records", ()), (cfg.training, "runs_dir", ()),
+                               (cfg.model, "encoder_weights", (None, "imagenet")),
+                               (cfg.loss, "vgg_weights", (None, "imagenet")),
+                               (cfg.transfer, "isl_run", (None,)), (cfg.transfer, "pretrain", (None,))):
+        if section is not None and getattr(section, key) not in keep:
+            setattr(section, key, expand_path(getattr(section, key), b))
 
 
 def from_dict(data: dict, base_dir: Union[str, Path] = ".", source: str = "<dict>",

@@ -65,7 +65,7 @@ def demo_command(workdir: Path, config_path, fields: int, size: int, epochs):
     step("fit", ["fit", run_cfg])
     run = _newest_run(workdir / "runs", cfg["name"])
     step("evaluate", ["evaluate", run, "--split", "test"])
-    from islkeras.data.records import read_manifest
+    from islkeras.data.manifest import read_manifest
 
     manifest = read_manifest(workdir / "records")
     inputs = sorted({workdir / "data" / f["field"] for f in manifest["fields"].values() if f["split"] == "test"})

@@ -148,7 +148,7 @@ def _balanced_fields(tf, cfg, ds, names: list[str], seed: int):
     the split CSV) is equally likely, fields shuffled within their group."""
     import logging
 
-    from islkeras.data.records import field_groups
+    from islkeras.data.splits import field_groups
 
     groups = field_groups(cfg, names, cfg.pipeline.balance_by)
     logging.getLogger(__name__).info(
@@ -178,7 +178,8 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
     """
     import tensorflow as tf
 
-    from islkeras.data.records import ensure_records, shard_paths
+    from islkeras.data.reader import shard_paths
+    from islkeras.data.records import ensure_records
 
     if manifest is None:
         manifest = ensure_records(cfg)

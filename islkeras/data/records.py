@@ -1,15 +1,5 @@
-"""TIFF folders -> TFRecord shards + ``manifest.json`` (``islkeras convert``).
-
-Layout of ``data.records``::
-
-    manifest.json                              # written last: present == conversion complete
-    train-00000-of-00005-<key>.tfrecord        # shard_size records each, per split
-    val-00000-of-00001-<key>.tfrecord
-    ...
-
-One ``tf.train.Example`` per field (or per spatial band of a field, named ``<field>@<split>``) with
-``name``, ``split``, ``height``, ``width`` and, for every channel in ``data.channels``, ``ch/<name>`` (raw
-bytes in the channel's own dtype, C order, shape ``(height, width, planes)``) and ``planes/<name>``.
+"""TIFF folders -> TFRecord shards + ``manifest.json`` (``islkeras convert``, ``ensure_records``); the
+folder's format is described in ``islkeras.data.manifest``.
 
 Records hold *all* channels of ``data.channels`` so several configs (which differ in inputs/targets/loss)
 share one records folder. They are stale when the part of the data section that shapes them (root, fields,
@@ -23,89 +13,30 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import csv
-import datetime as _dt
 import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Iterable, Optional
 
 import click
 import numpy as np
 
-from islkeras.errors import DataError
 from islkeras.data import tiff as _tiff
+from islkeras.data.manifest import (MANIFEST, SHARD_RE, Shard, build_manifest, channel_stats, records_hash,
+                                    split_rank, try_manifest)
+from islkeras.data.splits import Record, assign_splits, spatial_records
+from islkeras.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 LOCK = ".convert.lock"
-SPLIT_ORDER = ("train", "val", "test")
-_SHARD_RE = re.compile(r"^(?P<split>[^/]+)-(?P<i>\d{5})-of-(?P<n>\d{5})-(?P<key>[0-9a-f]{10})\.tfrecord$")
-
-
-# ------------------------------------------------------------------------------------------- data model
-@dataclass
-class Field:
-    """One record read back: ``arrays[channel]`` is (H, W, planes) in the stored dtype."""
-
-    name: str
-    split: str
-    arrays: dict = dc_field(default_factory=dict)
-    stats: dict = dc_field(default_factory=dict)
-    source: str = ""  #: the field folder the record came from (differs from name for spatial bands)
-    region: Optional[list] = None  #: [y0, y1, x0, x1] in the source field (spatial splits), else None
-
-
-@dataclass
-class _Record:
-    name: str
-    field: str
-    split: str
-    region: Optional[list]  # [y0, y1, x0, x1] or None = whole field
-
-
-@dataclass
-class _Shard:
-    split: str
-    index: int
-    count: int
-    records: list
-    key: str = ""
-
-    @property
-    def file(self) -> str:
-        return f"{self.split}-{self.index:05d}-of-{self.count:05d}-{self.key}.tfrecord"
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _split_rank(s: str) -> tuple:
-    return (SPLIT_ORDER.index(s), s) if s in SPLIT_ORDER else (len(SPLIT_ORDER), s)
-
-
-def records_hash(cfg) -> str:
-    """Hash of what shapes the records' content (not inputs/targets/shard_size/workers)."""
-    from islkeras.config import to_dict
-
-    d = cfg.data
-    key = {
-        "format": FORMAT_VERSION,
-        "root": d.root,
-        "fields": d.fields,
-        "channels": to_dict(d.channels),
-        "masks": sorted(d.masks),
-        "split": to_dict(d.split),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _channel_kind(cfg, name: str) -> str:
     d = cfg.data
     if name in d.masks:
@@ -122,201 +53,32 @@ def _source_sig(path: Path) -> dict:
     return {"path": str(path), "size": int(st.st_size), "mtime": st.st_mtime, "mtime_ns": int(st.st_mtime_ns)}
 
 
-def read_manifest(records_dir) -> dict:
-    """The manifest of a records folder; DataError when missing or unreadable."""
-    path = Path(records_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"no {MANIFEST} in {records_dir}: run `islkeras convert CONFIG.json` first")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e}); re-run `islkeras convert --overwrite`") from None
-    if m.get("format") != FORMAT_VERSION:
-        raise DataError(f"{path}: records format {m.get('format')} is not {FORMAT_VERSION}; re-run `islkeras convert`")
-    return m
-
-
-def _try_manifest(records_dir) -> Optional[dict]:
-    try:
-        return read_manifest(records_dir)
-    except DataError:
-        return None
-
-
-# ------------------------------------------------------------------------------------------- splitting
-def _csv_column(cfg, column: str) -> tuple[dict[str, str], Path, str]:
-    """``{field id: value}`` of one column of the split CSV (``data.split.csv``), its path and id column."""
-    s = cfg.data.split
-    if s.csv is None:
-        raise DataError(f"column {column!r} of the split CSV was asked for, but data.split.csv is not set")
-    rel = s.csv.rsplit(":", 1)[0]
-    path = Path(cfg.data.root) / rel
-    if not path.is_file():
-        raise DataError(f"split CSV {path} not found (data.split.csv {s.csv!r}, relative to data.root)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        id_col = s.id_column or (cols[0] if cols else None)
-        for c in (id_col, column):
-            if c not in cols:
-                raise DataError(f"{path}: no column {c!r} (columns: {', '.join(cols)})")
-        table = {}
-        for row in reader:
-            fid = (row[id_col] or "").strip()
-            if fid:
-                table[fid] = (row[column] or "").strip()
-    return table, path, id_col
-
-
-def field_groups(cfg, names: list[str], column: str) -> dict[str, list[str]]:
-    """Group -> record names by a column of the split CSV (e.g. the experiment or stratum a field comes
-    from). Record names of spatial splits (``field@split``) are looked up by their field."""
-    table, path, id_col = _csv_column(cfg, column)
-    out: dict[str, list[str]] = {}
-    for n in names:
-        fid = n.split("@", 1)[0]
-        if not table.get(fid):
-            raise DataError(f"{path}: no value in column {column!r} for field {fid} (pipeline.balance_by; "
-                            f"id column {id_col!r})")
-        out.setdefault(table[fid], []).append(n)
-    return out
-
-
-def assign_splits(cfg, names: list[str]) -> dict[str, str]:
-    """Field name -> split for csv and fractions splits (spatial: every field -> "spatial")."""
-    s = cfg.data.split
-    if s.spatial is not None:
-        return {n: "spatial" for n in names}
-    if s.csv is not None:
-        column = s.csv.rsplit(":", 1)[1]
-        table, path, id_col = _csv_column(cfg, column)
-        missing = [n for n in names if n not in table]
-        if missing:
-            raise DataError(f"{path}: no row for field(s) {', '.join(missing[:5])} (column {id_col!r})")
-        import fnmatch
-
-        absent = [fid for fid in table if fnmatch.fnmatch(fid, cfg.data.fields) and fid not in names]
-        if absent:
-            raise DataError(
-                f"{path} lists field(s) {', '.join(absent[:5])} but {cfg.data.root} has no such folder "
-                f"(missing field folder?)"
-            )
-        out = {n: table[n] for n in names if table[n]}
-        if not out:
-            raise DataError(f"{path}: column {column!r} is empty for every field")
-        return out
-    fr = {k: v for k, v in (s.fractions or {}).items()}
-    order = sorted(fr, key=_split_rank)
-    rng = np.random.default_rng(s.seed)
-    shuffled = [names[i] for i in rng.permutation(len(names))]
-    n = len(names)
-    cum = np.cumsum([fr[k] for k in order])
-    bounds = [0] + [int(round(c * n)) for c in cum]
-    bounds[-1] = n
-    counts = [bounds[i + 1] - bounds[i] for i in range(len(order))]
-    # every split with a positive fraction gets at least one field when there are enough fields
-    if n >= sum(1 for k in order if fr[k] > 0):
-        for i, k in enumerate(order):
-            if fr[k] > 0 and counts[i] == 0:
-                j = int(np.argmax(counts))
-                counts[j] -= 1
-                counts[i] += 1
-    out, pos = {}, 0
-    for k, c in zip(order, counts):
-        for name in shuffled[pos:pos + c]:
-            out[name] = k
-        pos += c
-    return out
-
-
-def _spatial_records(cfg, fld: str, h: int, w: int) -> list[_Record]:
-    sp = cfg.data.split.spatial
-    order = [k for k in sorted(sp.fractions, key=_split_rank) if sp.fractions[k] > 0]
-    length = h if sp.axis == "y" else w
-    usable = length - sp.margin * (len(order) - 1)
-    sizes = [int(np.floor(sp.fractions[k] * usable)) for k in order]
-    if usable > 0:
-        sizes[-1] = usable - sum(sizes[:-1])
-    if usable <= 0 or min(sizes) < 1:
-        raise DataError(
-            f"field {fld}: {length} px along {sp.axis} is too small for spatial split {sp.fractions} "
-            f"with margin {sp.margin}"
-        )
-    out, start = [], 0
-    for k, size in zip(order, sizes):
-        a, b = start, start + size
-        region = [a, b, 0, w] if sp.axis == "y" else [0, h, a, b]
-        out.append(_Record(name=f"{fld}@{k}", field=fld, split=k, region=region))
-        start = b + sp.margin
-    return out
-
-
-# ------------------------------------------------------------------------------------------- statistics
-def channel_stats(arr: np.ndarray, is_mask: bool) -> dict:
-    """normalize.image_stats of an (H, W, planes) array plus the empty/non-empty ``threshold`` per plane
-    (Otsu of the plane; 0.5 for masks)."""
-    from islkeras.data.normalize import image_stats
-
-    st = image_stats(arr)
-    if is_mask:
-        thr = [0.5] * arr.shape[-1]
-    else:
-        from skimage.filters import threshold_otsu
-
-        thr = []
-        for p in range(arr.shape[-1]):
-            plane = arr[..., p]
-            lo, hi = plane.min(), plane.max()
-            thr.append(float(lo) if lo == hi else float(threshold_otsu(plane)))
-    st["threshold"] = thr
-    st["nonzero_fraction"] = [float(np.count_nonzero(arr[..., p] > thr[p])) / (arr.shape[0] * arr.shape[1])
-                              for p in range(arr.shape[-1])]
-    return st
-
-
-def dataset_stats(field_stats: list[dict], pixels: list[int]) -> dict:
-    """Pooled statistics of a channel over fields (float64), from per-field mean/std/min/max."""
-    if not field_stats:
-        return {}
-    wts = np.asarray(pixels, np.float64)[:, None]
-    means = np.asarray([s["mean"] for s in field_stats], np.float64)
-    sq = np.asarray([s["std"] for s in field_stats], np.float64) ** 2 + means ** 2
-    mean = (means * wts).sum(0) / wts.sum()
-    var = np.maximum((sq * wts).sum(0) / wts.sum() - mean ** 2, 0.0)
-    return {
-        "mean": mean.tolist(), "std": np.sqrt(var).tolist(),
-        "min": np.min([s["min"] for s in field_stats], axis=0).tolist(),
-        "max": np.max([s["max"] for s in field_stats], axis=0).tolist(),
-        "n_fields": len(field_stats), "n_pixels": int(wts.sum()),
-    }
-
-
 # ------------------------------------------------------------------------------------------- conversion
-def _plan(cfg, names, splits, headers) -> list[_Record]:
+def _plan(cfg, names, splits, headers) -> list[Record]:
     recs = []
     for n in names:
         if n not in splits:
             continue
         if cfg.data.split.spatial is not None:
             h, w = next(iter(headers[n].values())).shape[:2]
-            recs.extend(_spatial_records(cfg, n, h, w))
+            recs.extend(spatial_records(cfg, n, h, w))
         else:
-            recs.append(_Record(name=n, field=n, split=splits[n], region=None))
-    recs.sort(key=lambda r: (_split_rank(r.split), r.name))
+            recs.append(Record(name=n, field=n, split=splits[n], region=None))
+    recs.sort(key=lambda r: (split_rank(r.split), r.name))
     return recs
 
 
-def _shards(cfg, recs: list[_Record], rhash: str, sources: dict) -> list[_Shard]:
+def _shards(cfg, recs: list[Record], rhash: str, sources: dict) -> list[Shard]:
     by_split: dict[str, list] = {}
     for r in recs:
         by_split.setdefault(r.split, []).append(r)
     out = []
     size = cfg.data.shard_size
-    for split in sorted(by_split, key=_split_rank):
+    for split in sorted(by_split, key=split_rank):
         rs = by_split[split]
         count = (len(rs) + size - 1) // size
         for i in range(count):
-            sh = _Shard(split=split, index=i, count=count, records=rs[i * size:(i + 1) * size])
+            sh = Shard(split=split, index=i, count=count, records=rs[i * size:(i + 1) * size])
             content = [rhash, split, i, count] + [
                 [r.name, r.region, [[c, sources[f"{r.field}/{c}"]["size"], sources[f"{r.field}/{c}"]["mtime_ns"]]
                                     for c in cfg.data.channels]]
@@ -327,7 +89,7 @@ def _shards(cfg, recs: list[_Record], rhash: str, sources: dict) -> list[_Shard]
     return out
 
 
-def _field_job(cfg, rec_list: list[_Record]):
+def _field_job(cfg, rec_list: list[Record]):
     """Read one source field and build the serialized Example + metadata of each of its records."""
     import tensorflow as tf
 
@@ -363,7 +125,7 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _write_shard(out: Path, shard: _Shard, examples: list[bytes]) -> None:
+def _write_shard(out: Path, shard: Shard, examples: list[bytes]) -> None:
     import tensorflow as tf
 
     final = out / shard.file
@@ -420,7 +182,7 @@ def _clean_stale(out: Path, keep: Iterable[str]) -> None:
     for p in out.iterdir():
         if p.name in keep or p.name == LOCK:
             continue
-        if (p.name.startswith(".") and p.name.endswith(".tmp")) or _SHARD_RE.match(p.name):
+        if (p.name.startswith(".") and p.name.endswith(".tmp")) or SHARD_RE.match(p.name):
             with contextlib.suppress(OSError):
                 p.unlink()
 
@@ -477,7 +239,7 @@ def convert(cfg, overwrite: bool = False, workers: Optional[int] = None) -> dict
     created: list[Path] = []
     try:
         with _locked(out):
-            old = _try_manifest(out)
+            old = try_manifest(out)
             if not overwrite and stale_reason(cfg, old) is None and old.get("shard_size") == d.shard_size:
                 return _refresh_kinds(cfg, out, old)
             manifest = _convert_locked(cfg, out, old, overwrite, workers, created)
@@ -589,7 +351,7 @@ def _convert_locked(cfg, out, old, overwrite, workers, created) -> dict:
         bar.close()
 
     # 3. manifest (last, atomic), then remove what no manifest refers to
-    manifest = _manifest(cfg, rhash, channels, sources, shards, recs, metas)
+    manifest = build_manifest(cfg, rhash, channels, sources, shards, recs, metas)
     from islkeras.utils import atomic_write_json
 
     atomic_write_json(out / MANIFEST, manifest)
@@ -605,88 +367,16 @@ def _progress(total, desc):
     return progress(total=total, desc=desc, unit="field")
 
 
-def _manifest(cfg, rhash, channels, sources, shards, recs, metas) -> dict:
-    from islkeras import __version__
-    from islkeras.config import to_dict
-
-    d = cfg.data
-    counts: dict[str, int] = {}
-    for r in recs:
-        counts[r.split] = counts.get(r.split, 0) + 1
-    fields = {}
-    for r in recs:
-        m = dict(metas[r.name])
-        fields[r.name] = m
-    train = [r.name for r in recs if r.split == "train"]
-    ds_stats = {c: dataset_stats([fields[n]["stats"][c] for n in train],
-                                 [fields[n]["height"] * fields[n]["width"] for n in train]) for c in d.channels}
-    return {
-        "format": FORMAT_VERSION,
-        "islkeras": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.source,
-        "records_hash": rhash,
-        "data": to_dict(d),
-        "shard_size": d.shard_size,
-        "channels": channels,
-        "counts": {k: counts[k] for k in sorted(counts, key=_split_rank)},
-        "shards": [{"file": s.file, "split": s.split, "records": [r.name for r in s.records],
-                    "bytes": (Path(d.records) / s.file).stat().st_size} for s in shards],
-        "sources": sources,
-        "fields": fields,
-        "dataset_stats": ds_stats,
-    }
-
-
 def ensure_records(cfg, workers: Optional[int] = None) -> dict:
     """The manifest of ``cfg``'s records, converting first when they are missing or stale."""
     out = Path(cfg.data.records)
-    m = _try_manifest(out) if out.exists() else None
+    m = try_manifest(out) if out.exists() else None
     reason = stale_reason(cfg, m)
     if reason is None:
         return _refresh_kinds(cfg, out, m)
     log.info("records in %s: %s -> converting", out, reason)
     click.echo(f"islkeras: records in {out} need converting ({reason})", err=True)
     return convert(cfg, workers=workers)
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def shard_paths(cfg, manifest: dict, split: str) -> list[str]:
-    out = Path(cfg.data.records)
-    return [str(out / s["file"]) for s in manifest["shards"] if s["split"] == split]
-
-
-def split_names(manifest: dict, split: str) -> list[str]:
-    return sorted(n for n, f in manifest["fields"].items() if f["split"] == split)
-
-
-def load_fields(cfg, split: str, manifest: Optional[dict] = None, channels: Optional[list] = None) -> list[Field]:
-    """Every record of ``split`` decoded to numpy (sorted by name). ``channels`` limits what is decoded."""
-    import tensorflow as tf
-
-    if manifest is None:
-        manifest = ensure_records(cfg)
-    files = shard_paths(cfg, manifest, split)
-    chans = manifest["channels"]
-    want = list(channels) if channels is not None else list(chans)
-    for c in want:
-        if c not in chans:
-            raise DataError(f"channel {c!r} is not in the records ({', '.join(chans)})")
-    out = []
-    for raw in tf.data.TFRecordDataset(files):
-        ex = tf.train.Example.FromString(raw.numpy())
-        f = ex.features.feature
-        name = f["name"].bytes_list.value[0].decode()
-        h, w = f["height"].int64_list.value[0], f["width"].int64_list.value[0]
-        arrays = {}
-        for c in want:
-            buf = f[f"ch/{c}"].bytes_list.value[0]
-            arrays[c] = np.frombuffer(buf, dtype=chans[c]["dtype"]).reshape(h, w, f[f"planes/{c}"].int64_list.value[0])
-        meta = manifest["fields"][name]
-        out.append(Field(name=name, split=split, arrays=arrays, stats={c: meta["stats"][c] for c in want},
-                         source=meta.get("field", name), region=meta.get("region")))
-    out.sort(key=lambda x: x.name)
-    return out
 
 
 # -------------------------------------------------------------------------------------------------- CLI

@@ -1,9 +1,9 @@
 """``islkeras evaluate``: per-image metrics of a run on a split, summaries and figures.
 
-The split's fields come from the run's records (``islkeras.data.records.load_fields``: raw arrays and the
+The split's fields come from the run's records (``islkeras.data.reader.load_fields``: raw arrays and the
 statistics stored at conversion). Predictions use the same code path as ``islkeras predict``:
 
-* whole fields (default): ``islkeras.inference.predict.predict_field`` -- whole-field normalisation, tiled, blended;
+* whole fields (default): ``islkeras.inference.tiling.predict_field`` -- whole-field normalisation, tiled, blended;
 * ``--crops N``: N crops of the run's ``pipeline.crop_size`` per field at deterministic positions (seeded
   by ``pipeline.seed`` and the field name, so every run sees the same crops), each normalised with its
   whole field's statistics (as in training) and predicted on its own, like the thesis's crop evaluation.
@@ -59,7 +59,7 @@ N_PANELS = 3
 def load_run(run_dir: Union[str, Path]):
     """(run folder, ExperimentConfig, ExportedModel) of a run folder (or its ``savedmodel/``)."""
     from islkeras.models.savedmodel import ExportedModel
-    from islkeras.inference.predict import run_config_of
+    from islkeras.training.run import run_config_of
 
     p = Path(run_dir)
     if not p.exists():
@@ -76,7 +76,7 @@ def crop_boxes(name: str, height: int, width: int, crop: int, n: int, seed: int 
     """``n`` deterministic (y0, x0, h, w) crops of a field: uniform positions from a generator seeded by
     ``seed`` and the field's name (independent of the order of fields). A field smaller than ``crop``
     gives crops of its own size rounded down to a multiple of 32."""
-    from islkeras.inference.predict import MULTIPLE
+    from islkeras.inference.tiling import MULTIPLE
 
     ch = min(crop, height // MULTIPLE * MULTIPLE)
     cw = min(crop, width // MULTIPLE * MULTIPLE)
@@ -109,7 +109,7 @@ def _mask_jaccard_fn(enabled: bool):
 
 
 def _predict_crops(model, x, boxes, batch):
-    from islkeras.inference.predict import _to_output_scale, check_image
+    from islkeras.inference.tiling import check_image, to_output_scale
 
     xn = model.normalize(check_image(x, model.n_inputs))  # whole-field statistics, as in training
     preds = []
@@ -117,7 +117,7 @@ def _predict_crops(model, x, boxes, batch):
         chunk = boxes[b0:b0 + batch]
         tiles = np.stack([xn[y:y + h, x0:x0 + w] for y, x0, h, w in chunk])
         p = model.predict_normalized(tiles)
-        preds.extend(_to_output_scale(model, np.ascontiguousarray(p[k])) for k in range(len(chunk)))
+        preds.extend(to_output_scale(model, np.ascontiguousarray(p[k])) for k in range(len(chunk)))
     return preds
 
 
@@ -134,8 +134,10 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
     import pandas as pd
 
     from islkeras.evaluation import metrics as M
-    from islkeras.data.records import ensure_records, load_fields
-    from islkeras.inference.predict import output_names, predict_field
+    from islkeras.data.reader import load_fields
+    from islkeras.data.records import ensure_records
+    from islkeras.inference.fields import output_names
+    from islkeras.inference.tiling import predict_field
     from islkeras.utils import progress
 
     if crops is not None:

@@ -43,7 +43,7 @@ def build_report(run_dirs: Sequence[Union[str, Path]], splits: Sequence[str] = (
 
     from islkeras.evaluation import metrics as M
     from islkeras.evaluation.evaluate import EVAL_DIR, evaluate_run
-    from islkeras.inference.predict import run_config_of
+    from islkeras.training.run import run_config_of
 
     rows, groups = [], {}
     for rd in run_dirs:

@@ -17,6 +17,9 @@ aiseg_transfer.json``)::
 Both arms use the same architecture and normalisation (the ISL run's) and, for each N, the same first N
 train fields sorted by name. Re-running with ``--run-dir`` on an interrupted experiment continues it:
 finished runs are kept, an interrupted pretraining resumes.
+
+This module also holds the ``islkeras transfer`` command (:data:`transfer_command`): one segmentation run
+(``islkeras.segmentation.transfer.run_transfer``) or, with ``transfer.sweep_train_fields``, this experiment.
 """
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
     t0, load0 = time.time(), _load()
     from islkeras.data.records import ensure_records
     from islkeras.training import run as R
-    from islkeras.segmentation.transfer import adopt_isl_settings, resolve_isl, run_transfer, train_subset
+    from islkeras.segmentation.isl_source import adopt_isl_settings, resolve_isl
+    from islkeras.segmentation.transfer import run_transfer, train_subset
     from islkeras.utils import atomic_write_json
 
     tr = cfg.transfer
@@ -181,11 +185,12 @@ def markdown_table(rows: list[dict], references: Optional[dict] = None) -> str:
 
 
 def stain_threshold_references(cfg, manifest: dict, ns, stain: Optional[str] = None) -> dict:
-    """``{n: mean test IoU}`` of the true nuclear stain thresholded at the level (``transfer.best_level``,
+    """``{n: mean test IoU}`` of the true nuclear stain thresholded at the level (``calibration.best_level``,
     the calibration's search) that fits the masks of the first ``n`` train fields best; None values without
     a stain channel or test fields. The records are read once for all ``ns``."""
-    from islkeras.data.records import load_fields
-    from islkeras.segmentation.transfer import best_level, threshold_ious, train_subset
+    from islkeras.data.reader import load_fields
+    from islkeras.segmentation.calibration import best_level, threshold_ious
+    from islkeras.segmentation.transfer import train_subset
 
     mask = cfg.transfer.mask_channel
     stain = stain or next((c for c in cfg.data.targets if c != mask and c not in cfg.data.masks), None)
@@ -271,3 +276,46 @@ def plot_curve(rows: list[dict], per_field: list[dict], path, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
     save_figure(fig, path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+@click.command("transfer", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--isl-run", "isl_run", default=None, metavar="RUN|none",
+              help="ISL run folder or SavedModel to initialise from, or 'none' for from-scratch "
+                   "(default: transfer.isl_run of the config).")
+@click.option("--train-fields", type=click.IntRange(min=1), default=None,
+              help="Use only the first N train fields, sorted by name (default: transfer.train_fields / all).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Write the run (or the experiment) here instead of <runs_dir>/<name>/<timestamp>.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted path, JSON value), e.g. --set transfer.init=all. Repeatable.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Replace data.root of the config.")
+def transfer_command(config, isl_run, train_fields, run_dir, sets, data_root):
+    """Train nuclei segmentation from CONFIG, initialised from an ISL model (or from scratch).
+
+    The segmentation net is the ISL generator's architecture with a sigmoid output, trained with the soft
+    Jaccard distance on the mask channel (transfer.mask_channel); every layer but the head is copied from
+    the ISL SavedModel (transfer.init). Writes a run folder like `islkeras fit`, plus metrics.csv (IoU at
+    0.5 and pixel accuracy per test field, whole fields) and the test mean in summary.json.
+
+    A config with transfer.sweep_train_fields runs the few-image experiment instead: ISL pretraining
+    (transfer.pretrain) once, then pretrained vs scratch for each number of train fields; table
+    (results.csv/.md) and curve (curve.png) in the experiment folder.
+
+    \b
+    Examples:
+      islkeras transfer my_transfer.json --isl-run runs/aiseg_nuclei_l1/20250101-120000
+      islkeras transfer my_transfer.json --isl-run none --train-fields 1
+      islkeras transfer experiments/aiseg_transfer.json        # the few-image experiment
+    """
+    from islkeras.config import load_config, parse_set_option
+    from islkeras.segmentation.transfer import prepare_transfer_config, run_transfer
+
+    cfg = load_config(config, overrides=parse_set_option(sets), data_root=data_root)
+    cfg = prepare_transfer_config(cfg, isl_run if isl_run is not None else "__config__",
+                                  train_fields if train_fields is not None else "__config__")
+    if cfg.transfer.sweep_train_fields:
+        run_experiment(cfg, out_dir=run_dir, isl_run_given=isl_run is not None)
+        return
+    run_transfer(cfg, run_dir=run_dir)

@@ -193,11 +193,11 @@ def mask_jaccard_from_fluorescence(
     """Jaccard between the nucleus masks of predicted and of true fluorescence (thesis section 3.5.1).
 
     Signature: ``mask_jaccard_from_fluorescence(pred_img, true_img, method="classical", params=None,
-    cellpose_model=None, diameter=None) -> float`` (``params``: :class:`islkeras.segmentation.masks.ClassicalParams`).
+    cellpose_model=None, diameter=None) -> float`` (``params``: :class:`islkeras.segmentation.classical.ClassicalParams`).
 
     Both images are 2-D (Y, X) nuclear-stain intensities of the same field (any numeric dtype; each is
     percentile-normalised on its own, so a prediction on a different intensity scale is fine). Both are
-    segmented with the same method (``"classical"`` with :class:`islkeras.segmentation.masks.ClassicalParams`
+    segmented with the same method (``"classical"`` with :class:`islkeras.segmentation.classical.ClassicalParams`
     ``params``, or ``"cellpose"`` with ``cellpose_model`` / ``diameter``) and the foreground masks are
     compared with :func:`iou_binary` (1.0 when both are empty). ``method`` may also be a callable
     image -> labels, e.g. ``islkeras.segmentation.masks.make_segmenter("cellpose", cellpose_model=...)`` built once, so

@@ -69,10 +69,14 @@ of an ISL config is read as ``val_iou``).
 Run folder (like ``islkeras fit``): ``config.json``, ``history.csv``, ``tb/``, ``ckpt/``, ``savedmodel/``
 (kind ``segmentation``: serving returns probabilities), ``metrics.csv`` (one row per test field: IoU at
 the threshold with IoU = 1 when both masks are empty, pixel accuracy; whole fields predicted with
-``islkeras.inference.predict.predict_field``) and ``summary.json`` (with ``test_iou``, the mean over the fields).
+``islkeras.inference.tiling.predict_field``) and ``summary.json`` (with ``test_iou``, the mean over the fields).
 
 A config whose ``transfer.sweep_train_fields`` is set runs the few-image experiment instead
-(``islkeras.segmentation.experiment``).
+(``islkeras.segmentation.experiment``, which also holds the ``islkeras transfer`` command).
+
+This module is the training run; the ISL source, its checks and the weight copy are in
+``islkeras.segmentation.isl_source``, the head calibration of ``all_calibrated`` in
+``islkeras.segmentation.calibration``.
 """
 from __future__ import annotations
 
@@ -80,7 +84,6 @@ import copy
 import csv
 import io
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -88,305 +91,15 @@ import click
 import numpy as np
 
 from islkeras.errors import ConfigError, DataError, UserError
+from islkeras.segmentation.calibration import calibrate_head, start_scores
+from islkeras.segmentation.isl_source import (NONE_WORDS, _flat_layers, adopt_isl_settings, build_segmentation_model,
+                                              check_compatible, resolve_isl)
 
-NONE_WORDS = ("none", "null", "scratch", "")
 METRICS_FILE = "metrics.csv"
-
-
-# ------------------------------------------------------------------------------------- the ISL source
-@dataclass
-class IslSource:
-    """An ISL SavedModel checked for transfer: its folder, metadata and (when found) its run config."""
-
-    savedmodel: Path
-    meta: dict
-    run_cfg: object = None  #: ExperimentConfig of the ISL run, or None (a SavedModel without its run folder)
-    _exported: object = field(default=None, repr=False, compare=False)
-
-    def exported(self):
-        """The SavedModel as an ``islkeras.models.savedmodel.ExportedModel``, loaded on first use only."""
-        if self._exported is None:
-            from islkeras.models.savedmodel import ExportedModel
-
-            self._exported = ExportedModel(self.savedmodel)
-        return self._exported
-
-
-def resolve_isl(path) -> Optional[IslSource]:
-    """Check that ``path`` (run folder or SavedModel) is an islkeras ISL model; ``None`` for from-scratch.
-
-    Raises UserError naming the path when it is missing, holds no ``saved_model.pb``, has no islkeras
-    metadata or is not an ISL model (e.g. a segmentation model).
-    """
-    if path is None or str(path).strip().lower() in NONE_WORDS:
-        return None
-    from islkeras.models.savedmodel import META_FILE, find_savedmodel, read_meta
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"transfer.isl_run: {p} does not exist (give an ISL run folder or its savedmodel/, "
-                        f"or null to train from scratch)")
-    try:
-        sm = find_savedmodel(p)
-    except UserError as e:
-        raise UserError(f"transfer.isl_run: {e}") from None
-    if not (sm / "assets" / META_FILE).is_file():
-        raise UserError(f"transfer.isl_run: {sm} is a SavedModel but not an islkeras export (no assets/{META_FILE}); "
-                        f"export it with `islkeras fit`")
-    try:
-        meta = read_meta(sm)
-    except (UserError, ValueError) as e:
-        raise UserError(f"transfer.isl_run: {e}") from None
-    if meta.get("kind") != "isl":
-        raise UserError(f"transfer.isl_run: {sm} holds a {meta.get('kind')!r} model, not an ISL model "
-                        f"(kind 'isl', trained by `islkeras fit`)")
-    run_cfg = None
-    if (sm.parent / "config.json").is_file() or (sm / "config.json").is_file():
-        from islkeras.training.run import load_run_config
-
-        try:
-            run_cfg = load_run_config(sm if (sm / "config.json").is_file() else sm.parent)
-        except UserError:
-            run_cfg = None
-    return IslSource(sm, meta, run_cfg)
-
-
-def _isl_model_cfg(cfg, isl: IslSource):
-    """The model section for a transfer from ``isl``: the ISL run's (falls back to cfg.model if unknown)."""
-    if isl.run_cfg is not None:
-        return copy.deepcopy(isl.run_cfg.model)
-    arch = isl.meta.get("architecture")
-    mc = copy.deepcopy(cfg.model)
-    if arch is not None and arch != mc.architecture:
-        raise UserError(f"transfer.isl_run: {isl.savedmodel} is a {arch!r} model without its run config.json; "
-                        f"set model.architecture (and the rest of the model section) to the ISL run's")
-    if arch == "unet_sm" and isl.meta.get("backbone"):
-        mc.backbone = isl.meta["backbone"]
-    return mc
-
-
-def check_compatible(cfg, isl: IslSource, n_inputs: int) -> None:
-    """The transfer data's inputs must be what the ISL model was trained on."""
-    meta = isl.meta
-    if list(meta.get("inputs", [])) != list(cfg.data.inputs):
-        raise UserError(f"transfer.isl_run: the ISL model takes inputs {meta.get('inputs')}, the config's "
-                        f"data.inputs are {cfg.data.inputs}")
-    if int(meta.get("n_inputs", n_inputs)) != int(n_inputs):
-        raise UserError(f"transfer.isl_run: the ISL model takes {meta.get('n_inputs')} input plane(s), the "
-                        f"records' inputs {cfg.data.inputs} have {n_inputs}")
-
-
-def adopt_isl_settings(cfg, isl: IslSource) -> list[str]:
-    """Set cfg's normalisation and model section to the ISL model's; returns notes on what changed."""
-    notes = []
-    norm = isl.meta.get("normalization", {})
-    method, pct = norm.get("method"), norm.get("percentiles")
-    if method and method != cfg.pipeline.normalization:
-        notes.append(f"pipeline.normalization {cfg.pipeline.normalization!r} -> {method!r} (the ISL model's)")
-        cfg.pipeline.normalization = method
-    if pct and list(pct) != list(cfg.pipeline.percentiles):
-        cfg.pipeline.percentiles = [float(v) for v in pct]
-    mc = _isl_model_cfg(cfg, isl)
-    if mc != cfg.model:
-        notes.append(f"model section -> the ISL run's ({mc.architecture}"
-                     f"{'/' + mc.backbone if mc.architecture == 'unet_sm' else ''})")
-        cfg.model = mc
-    return notes
-
-
-# ------------------------------------------------------------------------------------------ the model
-def _flat_layers(model) -> list:
-    """Layers in order with nested models expanded (so a wrapped segmentation-models U-Net pairs up)."""
-    import tensorflow as tf
-
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.Model):
-            out.extend(_flat_layers(layer))
-        else:
-            out.append(layer)
-    return out
-
-
-def weight_layers(model) -> list:
-    """Layers that carry weights, in order; the last one is the head (``final_conv``)."""
-    return [lay for lay in _flat_layers(model) if lay.weights]
-
-
-def copy_isl_weights(seg_model, isl_model, init: str = "all_but_head") -> dict:
-    """Copy ``isl_model``'s weights into ``seg_model`` layer by layer (see module doc).
-
-    Returns ``{"copied": [names], "skipped": [names]}``; UserError when the architectures differ.
-    """
-    src, dst = weight_layers(isl_model), weight_layers(seg_model)
-    if len(src) != len(dst):
-        raise UserError(f"transfer: the ISL model has {len(src)} layers with weights, the segmentation model "
-                        f"{len(dst)}: not the same architecture")
-    copied, skipped = [], []
-    for i, (a, b) in enumerate(zip(src, dst)):
-        wa, wb = a.get_weights(), b.get_weights()
-        shapes_a, shapes_b = [w.shape for w in wa], [w.shape for w in wb]
-        head = i == len(src) - 1
-        if type(a).__name__ != type(b).__name__ or (shapes_a != shapes_b and not head):
-            raise UserError(f"transfer: layer {i} differs between the ISL model ({a.name}: {type(a).__name__} "
-                            f"{shapes_a}) and the segmentation model ({b.name}: {type(b).__name__} {shapes_b})")
-        if head and (init not in ("all", "all_calibrated") or shapes_a != shapes_b):
-            skipped.append(b.name)
-            continue
-        b.set_weights(wa)
-        copied.append(b.name)
-    return {"copied": copied, "skipped": skipped}
-
-
-def load_isl_keras(savedmodel):
-    """The ISL generator as a Keras model (the training metrics saved with it are not restored)."""
-    import tensorflow as tf
-
-    from islkeras.training.metrics import PCC
-
-    return tf.keras.models.load_model(str(savedmodel), compile=False, custom_objects={"PCC": PCC})
-
-
-def build_segmentation_model(cfg, isl_savedmodel=None, n_inputs: Optional[int] = None, n_outputs: int = 1,
-                             init: Optional[str] = None):
-    """The segmentation network (sigmoid output) -- from scratch, or initialised from an ISL SavedModel.
-
-    ``isl_savedmodel``: ISL run folder / SavedModel path (or an ``IslSource``), or None for from-scratch
-    (``cfg.model``). ``init``: ``all_but_head`` / ``all`` (default ``cfg.transfer.init``). ``n_inputs``
-    defaults to the ISL model's input planes, else ``len(cfg.data.inputs)``. Returns the Keras model;
-    ``model.transfer_info`` tells what was copied.
-    """
-    from islkeras.models.unet import build_generator
-
-    init = init or (cfg.transfer.init if cfg.transfer is not None else "all_but_head")
-    isl = isl_savedmodel if isinstance(isl_savedmodel, IslSource) else resolve_isl(isl_savedmodel)
-    if isl is None:
-        model = build_generator(cfg.model, int(n_inputs or len(cfg.data.inputs)), n_outputs, activation="sigmoid")
-        model.transfer_info = {"isl_run": None, "init": "scratch", "copied": [], "skipped": []}
-        return model
-    n_in = int(n_inputs or isl.meta.get("n_inputs") or len(cfg.data.inputs))
-    if int(isl.meta.get("n_inputs", n_in)) != n_in:
-        raise UserError(f"transfer.isl_run: the ISL model takes {isl.meta.get('n_inputs')} input plane(s), "
-                        f"the data has {n_in}")
-    model_cfg = _isl_model_cfg(cfg, isl)
-    model = build_generator(model_cfg, n_in, n_outputs, activation="sigmoid")
-    try:
-        isl_model = load_isl_keras(isl.savedmodel)
-    except Exception as e:  # a corrupt or non-Keras SavedModel
-        raise UserError(f"transfer.isl_run: {isl.savedmodel} could not be loaded as a Keras model: "
-                        f"{type(e).__name__}: {str(e)[:200]}") from None
-    info = copy_isl_weights(model, isl_model, init)
-    model.transfer_info = {"isl_run": str(isl.savedmodel), "init": init, **info}
-    del isl_model
-    return model
-
-
-def isl_predictions(isl: IslSource, fields, inputs) -> list:
-    """The ISL model's normalised prediction (z-score units) of each field's first target plane."""
-    from islkeras.inference import predict as P
-
-    m = isl.exported()
-    out = []
-    for f in fields:
-        image = np.concatenate([f.arrays[c] for c in inputs], axis=-1)
-        out.append(P.predict_field(m, image, output_scale=False)[..., 0])
-    return out
-
-
-def _soft_jaccard(p: np.ndarray, y: np.ndarray, smooth: float = 1.0) -> float:
-    """``islkeras.training.losses.jaccard_distance`` of one image, in numpy."""
-    inter = float((p * y).sum())
-    return 1.0 - (inter + smooth) / (float(y.sum()) + float(p.sum()) - inter + smooth)
-
-
-BACKGROUND_LOGIT = -6.0  #: all_calibrated: the median prediction (background) starts at p = sigmoid(-6) ~ 0.0025
 
 
 def _fmt_opt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def threshold_ious(zs: list, masks: list, t: float) -> list[float]:
-    """Per-field IoU of ``z > t`` against the masks (non-zero = foreground; 1 when both are empty): the
-    segmentation of the calibrated start (``sigmoid(slope * (z - t)) > 0.5`` is ``z > t``) or of any
-    thresholded image."""
-    from islkeras.segmentation.metrics import iou_binary
-
-    return [iou_binary(np.asarray(z) > t, m) for z, m in zip(zs, masks)]
-
-
-def best_level(zs: list, masks: list) -> tuple[float, float, float]:
-    """``(t, mean IoU of z > t, median of z)``: the level whose ``z > t`` has the best mean IoU with the
-    masks (the middle of a plateau of near-best levels), searched on levels spaced evenly in value from the
-    median to the 99.995th percentile of ``z`` plus quantile levels (nuclei can cover 0.1 % of a field,
-    so the levels must reach far into the tail)."""
-    masks = [np.asarray(m) > 0 for m in masks]
-    sample = np.concatenate([np.asarray(z).ravel()[:: max(1, z.size // 200_000)] for z in zs]).astype(np.float64)
-    lo, hi = np.quantile(sample, [0.5, 0.99995])
-    levels = np.unique(np.concatenate([np.linspace(lo, hi, 200),
-                                       np.quantile(sample, np.linspace(0.5, 0.9999, 100))]).astype(np.float32))
-    scores = np.array([np.mean(threshold_ious(zs, masks, t)) for t in levels])
-    # the middle of the levels within 0.005 of the best IoU: the widest margin on both sides of a plateau
-    near = np.flatnonzero(scores >= scores.max() - 0.005)
-    best = int(near[len(near) // 2])
-    return float(levels[best]), float(scores[best]), float(lo)
-
-
-def fit_calibration(zs: list, masks: list, slope: Optional[float] = None) -> dict:
-    """The head's operating point from the ISL predictions ``zs`` and the masks of the annotated fields.
-
-    ``t``: ``best_level`` (the level whose ``z > t`` has the best mean IoU with the masks, the metric).
-    ``slope`` (unless given): ``BACKGROUND_LOGIT / (median(z) - t)``, so the
-    typical (background) pixel starts at p ~ 0.0025 and ``t`` at 0.5 whatever the units of the ISL
-    normalisation (z-scores, percentile-scaled...). Both extremes failed: a slope leaving the background
-    near p = 0.45 and the slope that minimises the step-0 soft Jaccard distance (a near-step function, where
-    every update of the body flips pixels) each let a one-field run collapse to "no nucleus" in its first
-    epochs. Returns ``{"t", "slope", "train_iou", "train_jaccard"}`` (the last two: on the annotated
-    fields, at step 0).
-    """
-    t, iou, median = best_level(zs, masks)
-    if slope is None:
-        slope = BACKGROUND_LOGIT / min(median - t, -1e-6)
-    jac = [_soft_jaccard(1.0 / (1.0 + np.exp(-np.clip(slope * (z[::2, ::2] - t), -60, 60))),
-                         (np.asarray(m) > 0)[::2, ::2]) for z, m in zip(zs, masks)]
-    return {"t": t, "slope": float(slope), "train_iou": iou, "train_jaccard": float(np.mean(jac))}
-
-
-def calibrate_head(model, isl: IslSource, fields, inputs, mask_channel: str, slope: Optional[float] = None) -> dict:
-    """Re-activate a copied ISL head: ``logit = slope * (z - t)``, where ``z`` is the head's ISL output
-    (the predicted normalised fluorescence) and ``t``/``slope`` come from ``fit_calibration`` on the
-    annotated train ``fields``.
-
-    Only the head's kernel and bias change (``W' = slope * W``, ``b' = slope * (b - t)``), so at step 0 the
-    segmentation net is the (softly) thresholded ISL prediction. Returns ``fit_calibration``'s dict.
-    """
-    zs = isl_predictions(isl, fields, inputs)
-    cal = fit_calibration(zs, [f.arrays[mask_channel][..., 0] for f in fields], slope)
-    head = weight_layers(model)[-1]
-    w = head.get_weights()
-    if len(w) != 2:
-        raise UserError(f"transfer.init all_calibrated: the head {head.name} has no bias to shift")
-    head.set_weights([w[0] * cal["slope"], (w[1] - cal["t"]) * cal["slope"]])
-    return cal
-
-
-def start_scores(isl: IslSource, cfg, manifest, mask_channel: str, t: float) -> dict:
-    """IoU of the calibrated start (thresholded ISL prediction, before any segmentation training) on the
-    whole val and test fields: ``{"val_iou", "test_iou", "test_fields": {name: iou}}`` (None without the
-    split)."""
-    from islkeras.data.records import load_fields
-
-    out: dict = {"val_iou": None, "test_iou": None, "test_fields": {}}
-    for split in ("val", "test"):
-        if not any(f["split"] == split for f in manifest["fields"].values()):
-            continue
-        fields = load_fields(cfg, split, manifest=manifest, channels=list(cfg.data.inputs) + [mask_channel])
-        ious = threshold_ious(isl_predictions(isl, fields, cfg.data.inputs),
-                              [f.arrays[mask_channel][..., 0] for f in fields], t)
-        out[f"{split}_iou"] = float(np.mean(ious))
-        if split == "test":
-            out["test_fields"] = {f.name: float(v) for f, v in zip(fields, ious)}
-    return out
 
 
 def freeze_batchnorm(model) -> int:
@@ -476,12 +189,12 @@ def evaluate_segmentation(savedmodel, cfg, split: str = "test", manifest: Option
                           overlap: Optional[int] = None, batch: Optional[int] = None) -> list[dict]:
     """Per-field IoU / pixel accuracy of a segmentation SavedModel on whole fields of ``split``.
 
-    Each raw field goes through ``islkeras.inference.predict.predict_field`` (the same tiled whole-field prediction
+    Each raw field goes through ``islkeras.inference.tiling.predict_field`` (the same tiled whole-field prediction
     as ``islkeras predict``), the probabilities are thresholded (``> threshold``) and compared with the
     mask by ``islkeras.segmentation.metrics.iou_binary`` (1 when both are empty) and ``pixel_accuracy``.
     """
-    from islkeras.inference import predict as P
-    from islkeras.data.records import load_fields
+    from islkeras.inference import tiling as T
+    from islkeras.data.reader import load_fields
     from islkeras.models.savedmodel import ExportedModel
     from islkeras.segmentation.metrics import iou_binary, pixel_accuracy
 
@@ -495,8 +208,8 @@ def evaluate_segmentation(savedmodel, cfg, split: str = "test", manifest: Option
     rows = []
     for f in fields:
         image = np.concatenate([f.arrays[c] for c in cfg.data.inputs], axis=-1)
-        prob = P.predict_field(model, image, tile=tile or P.DEFAULT_TILE, overlap=overlap or P.DEFAULT_OVERLAP,
-                               batch=batch or P.DEFAULT_BATCH)
+        prob = T.predict_field(model, image, tile=tile or T.DEFAULT_TILE, overlap=overlap or T.DEFAULT_OVERLAP,
+                               batch=batch or T.DEFAULT_BATCH)
         pred = prob[..., 0] > threshold
         true = f.arrays[mask_ch][..., 0] > 0
         rows.append({"field": f.name, "iou": iou_binary(pred, true), "pixel_accuracy": pixel_accuracy(pred, true),
@@ -546,9 +259,11 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     import tensorflow as tf
 
     from islkeras.data.pipeline import make_dataset
-    from islkeras.data.records import ensure_records, shard_paths
+    from islkeras.data.reader import shard_paths
+    from islkeras.data.records import ensure_records
     from islkeras.models.savedmodel import export_savedmodel
     from islkeras.training.losses import JaccardDistance
+    from islkeras.training import cluster as C
     from islkeras.training import distribute as D
     from islkeras.training import run as R
     from islkeras.training.fit import (_check_data, _precision, export_meta, get_strategy, keras_verbosity,
@@ -581,9 +296,9 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     has_val = any(f.get("split") == "val" for f in manifest["fields"].values())
 
     run_dir, resuming = resolve_run_dir(cfg, run_dir, None)
-    chief = D.is_chief(strategy)
-    run_dir = D.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
-    save_dir = D.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
+    chief = C.is_chief(strategy)
+    run_dir = C.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
+    save_dir = C.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
     save_dir.mkdir(parents=True, exist_ok=True)
     seg_cfg = copy.deepcopy(cfg)
     seg_cfg.data.targets = [mask]
@@ -605,7 +320,7 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             model.optimizer.build(model.trainable_variables)
         info = model.transfer_info
         if isl is not None and tr.init == "all_calibrated":
-            from islkeras.data.records import load_fields
+            from islkeras.data.reader import load_fields
 
             fields = [f for f in load_fields(cfg, "train", manifest=manifest,
                                              channels=list(cfg.data.inputs) + [mask]) if f.name in set(keep)]
@@ -661,7 +376,7 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     if st:
         summary.update(start_val_iou=st.get("val_iou"), start_test_iou=st.get("test_iou"), kept_start=kept_start)
     out = export_savedmodel(model, save_dir / "savedmodel", meta)  # every worker (collective reads)
-    D.release_worker_dir(save_dir, chief)
+    C.release_worker_dir(save_dir, chief)
     if chief:
         summary["savedmodel"] = str(out)
         with __import__("contextlib").suppress(FileNotFoundError):
@@ -680,47 +395,3 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             line += f"; test IoU {summary['test_iou']:.3f} (pixel accuracy {summary['test_pixel_accuracy']:.4f})"
         click.echo(line)
     return run_dir
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-@click.command("transfer", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--isl-run", "isl_run", default=None, metavar="RUN|none",
-              help="ISL run folder or SavedModel to initialise from, or 'none' for from-scratch "
-                   "(default: transfer.isl_run of the config).")
-@click.option("--train-fields", type=click.IntRange(min=1), default=None,
-              help="Use only the first N train fields, sorted by name (default: transfer.train_fields / all).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Write the run (or the experiment) here instead of <runs_dir>/<name>/<timestamp>.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (dotted path, JSON value), e.g. --set transfer.init=all. Repeatable.")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Replace data.root of the config.")
-def transfer_command(config, isl_run, train_fields, run_dir, sets, data_root):
-    """Train nuclei segmentation from CONFIG, initialised from an ISL model (or from scratch).
-
-    The segmentation net is the ISL generator's architecture with a sigmoid output, trained with the soft
-    Jaccard distance on the mask channel (transfer.mask_channel); every layer but the head is copied from
-    the ISL SavedModel (transfer.init). Writes a run folder like `islkeras fit`, plus metrics.csv (IoU at
-    0.5 and pixel accuracy per test field, whole fields) and the test mean in summary.json.
-
-    A config with transfer.sweep_train_fields runs the few-image experiment instead: ISL pretraining
-    (transfer.pretrain) once, then pretrained vs scratch for each number of train fields; table
-    (results.csv/.md) and curve (curve.png) in the experiment folder.
-
-    \b
-    Examples:
-      islkeras transfer my_transfer.json --isl-run runs/aiseg_nuclei_l1/20250101-120000
-      islkeras transfer my_transfer.json --isl-run none --train-fields 1
-      islkeras transfer experiments/aiseg_transfer.json        # the few-image experiment
-    """
-    from islkeras.config import load_config, parse_set_option
-
-    cfg = load_config(config, overrides=parse_set_option(sets), data_root=data_root)
-    cfg = prepare_transfer_config(cfg, isl_run if isl_run is not None else "__config__",
-                                  train_fields if train_fields is not None else "__config__")
-    if cfg.transfer.sweep_train_fields:
-        from islkeras.segmentation.experiment import run_experiment
-
-        run_experiment(cfg, out_dir=run_dir, isl_run_given=isl_run is not None)
-        return
-    run_transfer(cfg, run_dir=run_dir)

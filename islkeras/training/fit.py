@@ -168,8 +168,10 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     import tensorflow as tf
 
     from islkeras.data.pipeline import make_dataset
-    from islkeras.data.records import ensure_records, shard_paths
+    from islkeras.data.reader import shard_paths
+    from islkeras.data.records import ensure_records
     from islkeras.models.savedmodel import export_savedmodel
+    from islkeras.training import cluster as C
     from islkeras.training import distribute as D
     from islkeras.utils import atomic_write_json
 
@@ -178,9 +180,9 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     D.check_batch_size(t.batch_size, strategy)
     cfg = D.for_strategy(cfg, strategy)  # what this strategy cannot do is turned off, with a warning (XLA)
     t = cfg.training
-    chief = D.is_chief(strategy)
-    run_dir = D.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
-    save_dir = D.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
+    chief = C.is_chief(strategy)
+    run_dir = C.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
+    save_dir = C.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
     manifest = ensure_records(cfg)
     n_in = _channels(manifest, cfg.data.inputs, "input")
     n_out = _channels(manifest, cfg.data.targets, "target")
@@ -226,7 +228,7 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     summary = dict(control.summary, name=cfg.name, loss=cfg.loss.kind, run_dir=str(run_dir),
                    config_hash=cfg.hash())
     out = export_savedmodel(generator, save_dir / "savedmodel", meta)  # every worker (collective reads)
-    D.release_worker_dir(save_dir, chief)
+    C.release_worker_dir(save_dir, chief)
     if chief:
         summary["savedmodel"] = str(out)
         with contextlib.suppress(FileNotFoundError):
@@ -255,7 +257,7 @@ def training_callbacks(t, model, run_dir: Path, save_dir: Path, monitor: str, st
     """
     import tensorflow as tf
 
-    from islkeras.training import distribute as D
+    from islkeras.training import cluster as C
     from islkeras.training import run as R
     from islkeras.training.callbacks import BatchNormRecalibration, EpochTensorBoard, HistoryCSV, TrainingControl
 
@@ -271,7 +273,7 @@ def training_callbacks(t, model, run_dir: Path, save_dir: Path, monitor: str, st
     callbacks = [
         BatchNormRecalibration(model, recal_ds, steps=BN_RECALIBRATION_STEPS, strategy=strategy),
         control,
-        *D.sync_callbacks(strategy, control),
+        *C.sync_callbacks(strategy, control),
         HistoryCSV(run_dir / R.HISTORY_FILE, chief=chief),
         EpochTensorBoard(run_dir / "tb", chief=chief),
         tf.keras.callbacks.BackupAndRestore(str(run_dir / "ckpt" / "backup")),

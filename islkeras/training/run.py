@@ -21,8 +21,8 @@ HISTORY_FILE = "history.csv"
 
 def is_chief(strategy=None) -> bool:
     """True unless this process is a non-chief worker of a multi-worker run (``TF_CONFIG`` task type
-    ``chief``, or ``worker`` 0 when there is no chief); see ``islkeras.training.distribute.is_chief``."""
-    from islkeras.training.distribute import is_chief as _is_chief
+    ``chief``, or ``worker`` 0 when there is no chief); see ``islkeras.training.cluster.is_chief``."""
+    from islkeras.training.cluster import is_chief as _is_chief
 
     return _is_chief(strategy)
 
@@ -78,6 +78,16 @@ def load_run_config(run_dir: Union[str, Path]):
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     return from_dict(data, base_dir=path.parent, source=str(path))
+
+
+def run_config_of(path: Union[str, Path]):
+    """The ``ExperimentConfig`` of the run holding a SavedModel (run folder, its ``savedmodel/`` or a
+    config file), or None for a bare SavedModel (no ``config.json`` beside it)."""
+    p = Path(path)
+    cand = [p / CONFIG_FILE, p.parent / CONFIG_FILE] if p.is_dir() else [p]
+    if not any(c.is_file() for c in cand):
+        return None
+    return load_run_config(p)
 
 
 def read_summary(run_dir: Union[str, Path]) -> Optional[dict]:

@@ -11,6 +11,7 @@ from islkeras.config import from_dict, load_config
 from islkeras.data import records
 from islkeras.data.normalize import offset_scale
 from islkeras.data.pipeline import _field_params, eval_steps, make_dataset, normalization_meta
+from islkeras.data.reader import split_names
 from islkeras.errors import DataError
 
 
@@ -185,7 +186,7 @@ def test_crops_per_field_and_batch_shapes(tmp_path):
 def test_eval_grid_is_deterministic_and_exact(tmp_path):
     cfg, m = pattern_cfg(tmp_path, n_fields=3, fractions={"train": 0.34, "val": 0.66},
                          pipeline={"eval_mode": "grid"}, sizes=[(96, 128), (100, 70), (64, 64)])
-    val = records.split_names(m, "val")
+    val = split_names(m, "val")
     ds = make_dataset(cfg, "val", False, m, batch_size=5, with_names=True)
     got = [(x.numpy(), y.numpy(), [n.decode() for n in names.numpy()]) for x, y, names in ds]
     again = [x.numpy() for x, _ in make_dataset(cfg, "val", False, m, batch_size=5)]
@@ -246,7 +247,7 @@ def test_aiseg_training_crop_uses_its_field_statistics(aiseg, aiseg_dir):
     assert x.shape == (4, 256, 256, 1) and y.shape == (4, 256, 256, 1)
     for xi, yi in zip(x.numpy()[..., 0], y.numpy()[..., 0]):
         hits = []
-        for n in records.split_names(m, "train"):
+        for n in split_names(m, "train"):
             f = tifffile.imread(aiseg_dir / n / "brightfield.tif").astype(np.float64)
             raw = xi * f.std() + f.mean()
             if np.abs(raw - np.rint(raw)).max() > 1e-2:
@@ -278,7 +279,7 @@ def test_aiseg_whole_val_fields_and_mask_targets(aiseg, aiseg_dir):
 def test_normalization_meta(aiseg, aiseg_dir):
     cfg, m = aiseg
     meta = normalization_meta(cfg, m)
-    train = records.split_names(m, "train")
+    train = split_names(m, "train")
     nuc = [tifffile.imread(aiseg_dir / n / "nuclei.tif").astype(np.float64) for n in train]
     assert meta["method"] == "zscore" and meta["inputs"] == ["brightfield"] and meta["targets"] == ["nuclei"]
     assert meta["input_planes"] == 1 and meta["input_dtype"] == "uint8" and meta["input_dataset"] is None

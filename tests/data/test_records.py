@@ -17,7 +17,10 @@ from click.testing import CliRunner
 
 from islkeras.config import from_dict, load_config
 from islkeras.data import records
+from islkeras.data.manifest import SHARD_RE, read_manifest
 from islkeras.data.normalize import STAT_PERCENTILES
+from islkeras.data.reader import load_fields
+from islkeras.data.splits import assign_splits
 from islkeras.data.synthetic import write_synthetic
 from islkeras.errors import DataError
 
@@ -66,7 +69,7 @@ def snapshot(folder: Path):
 def check_against_tiffs(cfg, manifest):
     """Every record read back equals the source TIFF pixels (region, planes, projection applied)."""
     for split in manifest["counts"]:
-        for f in records.load_fields(cfg, split, manifest):
+        for f in load_fields(cfg, split, manifest):
             meta = manifest["fields"][f.name]
             for ch, spec in cfg.data.channels.items():
                 src = tifffile.imread(Path(cfg.data.root) / meta["field"] / spec.file)
@@ -184,12 +187,12 @@ def test_rerun_rewrites_only_changed_shards(tmp_path):
 def test_fraction_split_is_seeded_and_covers_every_split(tmp_path):
     cfg = synth_cfg(tmp_path, n_fields=10, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
     names = [f"field_{i:03d}" for i in range(10)]
-    a = records.assign_splits(cfg, names)
-    assert a == records.assign_splits(cfg, names)
+    a = assign_splits(cfg, names)
+    assert a == assign_splits(cfg, names)
     assert sorted(a.values()).count("train") == 6 and list(a.values()).count("val") == 2
     cfg.data.split.seed = 1
-    assert records.assign_splits(cfg, names) != a
-    small = records.assign_splits(cfg, names[:3])
+    assert assign_splits(cfg, names) != a
+    small = assign_splits(cfg, names[:3])
     assert sorted(small.values()) == ["test", "train", "val"]
 
 
@@ -328,7 +331,7 @@ def _count_records(path: Path) -> int:
 def _assert_incomplete_but_clean(cfg):
     out = Path(cfg.data.records)
     assert not (out / "manifest.json").exists()
-    finals = [p for p in out.iterdir() if records._SHARD_RE.match(p.name)]
+    finals = [p for p in out.iterdir() if SHARD_RE.match(p.name)]
     for p in finals:  # anything under a final shard name is a complete shard
         assert _count_records(p) == cfg.data.shard_size
     return finals
@@ -365,13 +368,13 @@ def test_kill9_from_outside_while_converting(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if out.exists() and any(records._SHARD_RE.match(q.name) for q in out.iterdir()):
+        if out.exists() and any(SHARD_RE.match(q.name) for q in out.iterdir()):
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if (out / "manifest.json").exists():  # finished before the kill landed: then it must be complete
-        m = records.read_manifest(out)
+        m = read_manifest(out)
     else:
         _assert_incomplete_but_clean(cfg)
         m = records.convert(cfg)
@@ -389,7 +392,7 @@ def test_convert_command_options(tmp_path):
     res = CliRunner().invoke(convert_command, [str(cfg_file), "--workers", "1", "--set", f"data.records={alt}",
                                                "--set", "data.shard_size=2"])
     assert res.exit_code == 0, res.output
-    m = records.read_manifest(alt)
+    m = read_manifest(alt)
     assert m["shard_size"] == 2 and len(m["shards"]) == 2 and "3 records" in res.output
     res = CliRunner().invoke(convert_command, ["--help"])
     assert "Examples:" in res.output and "--overwrite" in res.output and "--data-root" in res.output

@@ -40,7 +40,7 @@ def test_whole_field_metrics_table_and_outputs(whole_df, eval_run, aiseg_dir):
 
     from islkeras.evaluation import metrics as M
     from islkeras.models.savedmodel import ExportedModel
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     df = whole_df
     assert list(df["field"]) == ["fov_002", "fov_007"] and set(df["channel"]) == {"nuclei"}
@@ -134,7 +134,7 @@ def test_tta_cli_matches_predict_field_tta(eval_run, tmp_path):
     from islkeras.cli import cli
     from islkeras.models.savedmodel import ExportedModel
     from islkeras.evaluation.metrics import pcc
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     res = CliRunner().invoke(cli, ["evaluate", str(eval_run), "--split", "val", "--tta", "--no-mask-jaccard",
                                    "--out", str(tmp_path / "t")])

@@ -1,4 +1,5 @@
-"""Tiled whole-field prediction (islkeras.inference.predict) against one-pass prediction of the same SavedModel."""
+"""Tiled whole-field prediction (islkeras.inference.tiling) against one-pass prediction of the same SavedModel, the
+field readers/writers (islkeras.inference.fields) and `islkeras predict`."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def aiseg_field(aiseg_dir):
 
 # ------------------------------------------------------------------------------------------ tiling
 def test_blend_window_never_zero_and_partition_of_unity():
-    from islkeras.inference.predict import blend_window, tile_plan
+    from islkeras.inference.tiling import blend_window, tile_plan
 
     w = blend_window(256, 64, True, True)
     assert w.min() > 0 and w.max() == 1.0 and w[64:192].min() == 1.0
@@ -43,7 +44,7 @@ def test_tiled_matches_one_pass_on_real_field(tiny_model, aiseg_field):
     near tile borders, which the blending window down-weights. Tolerance (measured ~1.3% max, PCC
     0.9999999): max |diff| <= 5% of the prediction's std, mean |diff| <= 0.1%.
     """
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     one = tiny_model.predict_raw(aiseg_field[None, ..., None])[0]
     tiled = predict_field(tiny_model, aiseg_field, tile=256, overlap=64, batch=4)
@@ -58,7 +59,7 @@ def test_tiled_matches_one_pass_on_real_field(tiny_model, aiseg_field):
 
 
 def test_non_multiple_sizes_come_back_at_their_own_size(tiny_model, aiseg_field):
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     img = aiseg_field[:1000, :777]
     tiled = predict_field(tiny_model, img, tile=256, overlap=64, batch=3)
@@ -72,7 +73,7 @@ def test_non_multiple_sizes_come_back_at_their_own_size(tiny_model, aiseg_field)
 def test_tta_is_the_mean_of_the_eight_symmetries(tiny_model, aiseg_field):
     """tta=True equals predicting each rot90/flip of the field in one pass, mapping it back and averaging;
     it differs from the plain prediction (the random net is not symmetric) and keeps odd sizes."""
-    from islkeras.inference.predict import dihedral_np, predict_field
+    from islkeras.inference.tiling import dihedral_np, predict_field
 
     img = aiseg_field[100:356, 300:492]  # 256 x 192: one tile, so each symmetry is a one-pass prediction
     want = np.mean([dihedral_np(tiny_model.predict_raw(np.ascontiguousarray(dihedral_np(img, k))[None, ..., None])[0],
@@ -91,7 +92,7 @@ def test_tta_is_the_mean_of_the_eight_symmetries(tiny_model, aiseg_field):
 
 
 def test_predict_field_errors(tiny_model):
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     with pytest.raises(DataError, match="too small"):
         predict_field(tiny_model, np.zeros((100, 1), np.uint8))
@@ -139,7 +140,7 @@ def test_predict_cli_mixed_inputs(tiny_run, tiny_model, aiseg_dir, aiseg_field, 
         assert arr.shape == (1000, 777) and arr.dtype == np.float32
         assert t.is_imagej and t.series[0].axes == "YX" and t.imagej_metadata["Labels"] == "nuclei"
     # the CLI writes exactly what predict_field returns (same code path)
-    from islkeras.inference.predict import predict_field
+    from islkeras.inference.tiling import predict_field
 
     ref = predict_field(tiny_model, aiseg_field[:1000, :777], tile=256)[..., 0]
     np.testing.assert_array_equal(arr, ref)
@@ -153,7 +154,8 @@ def test_predict_cli_mixed_inputs(tiny_run, tiny_model, aiseg_dir, aiseg_field, 
 def test_uint16_maps_back_to_target_scale(tiny_model, aiseg_field, tmp_path):
     import tifffile
 
-    from islkeras.inference.predict import predict_field, to_uint16, write_prediction
+    from islkeras.inference.fields import to_uint16, write_prediction
+    from islkeras.inference.tiling import predict_field
 
     pred = predict_field(tiny_model, aiseg_field[:256, :320], tile=256)
     write_prediction(tmp_path / "p.tif", pred, ["nuclei"], dtype="uint16")
@@ -176,7 +178,7 @@ def test_uint16_maps_back_to_target_scale(tiny_model, aiseg_field, tmp_path):
 
 
 def test_input_layout_from_run_and_overrides(tiny_run, tiny_model, aiseg_dir, tmp_path):
-    from islkeras.inference.predict import find_inputs, input_specs, read_input
+    from islkeras.inference.fields import find_inputs, input_specs, read_input
 
     specs = input_specs(tiny_model)  # bare SavedModel: <channel>.tif*
     assert specs["brightfield"].file == "brightfield.tif*"
@@ -207,7 +209,7 @@ def test_input_layout_from_run_and_overrides(tiny_run, tiny_model, aiseg_dir, tm
 
 
 def test_normalize_padded_matches_numpy(tiny_model, aiseg_field):
-    from islkeras.inference.predict import normalize_padded
+    from islkeras.inference.tiling import normalize_padded
 
     img = aiseg_field[:1000, :777, None]
     got = normalize_padded(tiny_model, img, 1024, 800)

@@ -11,7 +11,8 @@ from testkit import AISEG_CFG, small_cfg  # noqa: F401  (tests/testkit.py)
 @pytest.fixture(scope="module")
 def exported(aiseg_dir, tmp_path_factory):
     """A plain U-Net with non-trivial BN statistics, exported with the metadata `fit` stores."""
-    from islkeras.data.records import ensure_records, load_fields
+    from islkeras.data.reader import load_fields
+    from islkeras.data.records import ensure_records
     from islkeras.models.savedmodel import export_savedmodel
     from islkeras.models.unet import build_generator
     from islkeras.training.fit import export_meta

@@ -1,5 +1,6 @@
-"""Tests for islkeras.segmentation.masks: classical segmentation, image reading, output files, the `masks` command,
-and the optional cellpose path (training from scratch offline, reloading, offline/missing messages)."""
+"""Tests for islkeras.segmentation.masks, .classical, .cellpose and .mask_io: classical segmentation, image
+reading, output files, the `masks` command, and the optional cellpose path (training from scratch offline,
+reloading, offline/missing messages)."""
 from __future__ import annotations
 
 import os
@@ -11,17 +12,10 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
-from islkeras.segmentation.masks import (
-    INSTALL_HINT,
-    OFFLINE_HINT,
-    ClassicalParams,
-    MasksError,
-    find_training_pairs,
-    masks_command,
-    read_image_2d,
-    segment_classical,
-    write_masks,
-)
+from islkeras.segmentation.cellpose import find_training_pairs
+from islkeras.segmentation.classical import ClassicalParams, segment_classical
+from islkeras.segmentation.mask_io import INSTALL_HINT, OFFLINE_HINT, MasksError, read_image_2d, write_masks
+from islkeras.segmentation.masks import masks_command
 from islkeras.segmentation.metrics import average_precision, iou_binary
 
 CI = os.environ.get("CI", "").lower() == "true"

@@ -154,7 +154,7 @@ def test_matches_cellpose_average_precision_on_renumbered_labels(stardist_dir):
     import tifffile
     from skimage.segmentation import relabel_sequential
 
-    from islkeras.segmentation.masks import segment_classical
+    from islkeras.segmentation.classical import segment_classical
 
     metrics = _cellpose_metrics()
     d = stardist_dir

@@ -121,7 +121,7 @@ def test_iou_rule_for_empty_masks_numpy_and_keras_metric():
 
 # ---------------------------------------------------------------------------------- initialisation
 def test_transfer_copies_isl_weights_all_but_head_and_all(isl_run, aiseg_dir):
-    from islkeras.segmentation.transfer import build_segmentation_model, weight_layers
+    from islkeras.segmentation.isl_source import build_segmentation_model, weight_layers
 
     tmp, run_dir, isl_model = isl_run
     cfg = tiny_config(aiseg_dir, tmp)
@@ -150,9 +150,10 @@ def test_transfer_copies_isl_weights_all_but_head_and_all(isl_run, aiseg_dir):
 
 
 def test_all_calibrated_head_is_thresholded_isl_prediction(isl_run, aiseg_dir):
-    from islkeras.data.records import load_fields
+    from islkeras.data.reader import load_fields
+    from islkeras.segmentation.calibration import calibrate_head, isl_predictions
+    from islkeras.segmentation.isl_source import build_segmentation_model, resolve_isl
     from islkeras.segmentation.metrics import iou_binary
-    from islkeras.segmentation.transfer import build_segmentation_model, calibrate_head, isl_predictions, resolve_isl
 
     tmp, run_dir, isl_model = isl_run
     cfg = tiny_config(aiseg_dir, tmp)
@@ -170,7 +171,7 @@ def test_all_calibrated_head_is_thresholded_isl_prediction(isl_run, aiseg_dir):
 def test_fit_calibration_threshold_and_slope_do_not_depend_on_units():
     """Sparse nuclei (0.2 % of the field) on a flat background: t lands between background and nuclei, the
     background starts at p ~ 0.0025, whatever the scale of the ISL normalisation."""
-    from islkeras.segmentation.transfer import BACKGROUND_LOGIT, fit_calibration
+    from islkeras.segmentation.calibration import BACKGROUND_LOGIT, fit_calibration
 
     rng = np.random.default_rng(0)
     mask = np.zeros((256, 256), np.uint8)
@@ -193,7 +194,7 @@ def test_transfer_copies_weights_segmentation_models_unet(tmp_path, aiseg_dir):
     import tensorflow as tf
 
     from islkeras.models.unet import build_generator
-    from islkeras.segmentation.transfer import build_segmentation_model, copy_isl_weights, weight_layers
+    from islkeras.segmentation.isl_source import build_segmentation_model, copy_isl_weights, weight_layers
 
     cfg = tiny_config(aiseg_dir, tmp_path)
     cfg.model = ModelConfig(architecture="unet_sm", backbone="resnet18", decoder_filters=[32, 16, 16, 8, 8])
@@ -272,7 +273,8 @@ def test_run_transfer_end_to_end(isl_run, aiseg_dir):
     import tensorflow as tf
 
     from islkeras.models.savedmodel import read_meta
-    from islkeras.segmentation.transfer import run_transfer, weight_layers
+    from islkeras.segmentation.isl_source import weight_layers
+    from islkeras.segmentation.transfer import run_transfer
 
     tmp, run_dir, isl_model = isl_run
     cfg = tiny_config(aiseg_dir, tmp, transfer={"isl_run": str(run_dir), "train_fields": 1,
@@ -405,7 +407,8 @@ def test_transfer_from_isl_trained_in_mixed_bfloat16(aiseg_dir, tmp_path):
     bfloat16-compute layers; transfer copies its float32 weights into a float32 segmentation net."""
     import tensorflow as tf
 
-    from islkeras.segmentation.transfer import run_transfer, weight_layers
+    from islkeras.segmentation.isl_source import weight_layers
+    from islkeras.segmentation.transfer import run_transfer
 
     cfg = tiny_config(aiseg_dir, tmp_path, name="tiny_isl_bf16", transfer=None)
     cfg.transfer = None

@@ -382,7 +382,8 @@ def test_broken_version_is_500_and_others_keep_working(server, model_base):
 def inproc(model_base, direct):
     """``make_server`` in a thread of this process (to break the model deliberately); it reuses the models
     this process already loaded."""
-    from islkeras.serving.app import ModelVersion, make_server
+    from islkeras.serving.http import make_server
+    from islkeras.serving.repository import ModelVersion
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ModelVersion, "_load", lambda self: direct[(self.name, self.version)])
@@ -477,7 +478,7 @@ FAST_BODIES = [
 
 @pytest.mark.parametrize("body", FAST_BODIES)
 def test_fast_json_path_agrees_with_json_module(body):
-    from islkeras.serving.app import HTTPError, InputSpec, _check_and_cast, parse_predict_request
+    from islkeras.serving.protocol import HTTPError, InputSpec, _check_and_cast, parse_predict_request
 
     specs = {"serving_default": InputSpec("serving_default", "image", np.dtype("uint8"), (None, None, None, 1), "p"),
              "normalized": InputSpec("normalized", "x", np.dtype("float32"), (None, None, None, 1), "p")}
@@ -497,7 +498,7 @@ def test_fast_json_path_agrees_with_json_module(body):
 
 
 def test_fast_json_path_is_taken_for_plain_tensors():
-    from islkeras.serving.app import InputSpec, _fast_predict_body
+    from islkeras.serving.protocol import InputSpec, _fast_predict_body
 
     specs = {"serving_default": InputSpec("serving_default", "image", np.dtype("uint8"), (None, None, None, 1), "p"),
              "normalized": InputSpec("normalized", "x", np.dtype("float32"), (None, None, None, 1), "p")}
@@ -510,7 +511,7 @@ def test_fast_json_path_is_taken_for_plain_tensors():
 def test_tensor_json_round_trips_exactly_and_keeps_nan():
     """Replies are written from the numpy buffer: float32 values come back bit-identical through the json
     module (what clients use), integers stay integers, non-finite values are TF Serving's NaN/Infinity."""
-    from islkeras.serving.app import tensor_json
+    from islkeras.serving.protocol import tensor_json
 
     rng = np.random.default_rng(0)
     f = (rng.standard_normal((2, 5, 7, 3)) * 10.0 ** rng.integers(-8, 9, (2, 5, 7, 3))).astype(np.float32)

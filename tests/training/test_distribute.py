@@ -1,4 +1,4 @@
-"""Distribution and precision (islkeras.training.distribute): strategies from the config, chief/worker
+"""Distribution and precision (islkeras.training.distribute, .cluster): strategies from the config, chief/worker
 roles, dataset sharding, mixed precision -- on this CPU.
 
 Two logical CPU devices and multi-worker clusters need a fresh TensorFlow runtime, so those tests run
@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from islkeras.errors import ConfigError
+from islkeras.training import cluster as C
 from islkeras.training import distribute as D
 
 HERE = Path(__file__).resolve().parent
@@ -76,8 +77,8 @@ def _env(**extra) -> dict:
 def test_tf_config_is_validated_with_clear_errors(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ConfigError, match="needs the TF_CONFIG environment variable"):
-        D.parse_tf_config()
-    assert D.parse_tf_config(required=False) is None
+        C.parse_tf_config()
+    assert C.parse_tf_config(required=False) is None
     bad = {
         "{not json": "not valid JSON",
         "[]": "JSON object",
@@ -90,19 +91,19 @@ def test_tf_config_is_validated_with_clear_errors(monkeypatch):
     }
     for raw, msg in bad.items():
         with pytest.raises(ConfigError, match=msg):
-            D.parse_tf_config(raw)
+            C.parse_tf_config(raw)
 
     def chief(cluster, ttype, index):
         monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": ttype, "index": index}}))
-        return D.is_chief()
+        return C.is_chief()
 
     w2 = {"worker": ["a:1", "b:2"]}
     assert chief(w2, "worker", 0) and not chief(w2, "worker", 1)
     cw = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
     assert chief(cw, "chief", 0) and not chief(cw, "worker", 0) and not chief(cw, "worker", 1)
-    assert D.cluster_size(D.parse_tf_config()) == 3
+    assert C.cluster_size(C.parse_tf_config()) == 3
     # a single-worker strategy always writes, whatever TF_CONFIG says
-    assert D.is_chief(tf.distribute.get_strategy())
+    assert C.is_chief(tf.distribute.get_strategy())
     from islkeras.training.run import is_chief
 
     assert not is_chief()  # run.is_chief is the same implementation
@@ -123,7 +124,7 @@ def test_strategy_config_errors(monkeypatch):
                                                 "task": {"type": "worker", "index": 1}}))
     assert D.resolve_kind(NS(strategy="auto", devices=None)) == "multiworker"
     s = D.get_strategy(NS(strategy="default", devices=None))
-    assert D.describe(s).startswith("default") and D.num_workers(s) == 1
+    assert D.describe(s).startswith("default") and C.num_workers(s) == 1
     # XLA cannot compile a step over mirrored variables: turned off (on a copy) with several replicas
     cfg = NS(training=NS(jit_compile=True))
     warned = []
