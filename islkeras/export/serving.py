@@ -1,4 +1,4 @@
-"""``islkeras export``: a run's SavedModel -> ``MODEL_BASE/<name>/<version>/``, the layout TF Serving loads.
+"""``islkeras export --format tfserving``: a run's SavedModel -> ``MODEL_BASE/<name>/<version>/`` (TF Serving's layout).
 
 The SavedModel written by ``fit``/``transfer`` (see ``islkeras.models.savedmodel``) already carries the
 ``serving_default`` signature (raw images in, float32 predictions out on the target's scale) and the
@@ -113,33 +113,18 @@ def serving_commands(model_base: Union[str, Path], name: str, version: int, port
     }
 
 
-@click.command("export")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "model_base", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Model base folder; the model goes to OUT/<name>/<version>/.")
-@click.option("--name", default=None, help="Model name (URL part) [default: the run config's name].")
-@click.option("--version", "version", type=click.IntRange(min=0), default=None,
-              help="Version number [default: highest existing version + 1, or 1].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing version folder.")
-def export_command(run_dir: Path, model_base: Path, name: Optional[str], version: Optional[int], overwrite: bool):
-    """Export the SavedModel of RUN_DIR as OUT/<name>/<version>/ for TensorFlow Serving and `islkeras serve`.
-
-    RUN_DIR is a run folder of `islkeras fit`/`transfer` (or a SavedModel folder, then --name is needed).
-    The signature `serving_default` takes raw images (the training input's dtype, NHWC, any height and
-    width) and returns float32 predictions on the target's intensity scale.
-
-    \b
-    Examples:
-      islkeras export runs/aiseg_nuclei_l1/20250101-120000 --out models/
-      islkeras export runs/aiseg_nuclei_l1/20250101-120000 --out models/ --name nuclei --version 3
-      islkeras serve models/
-    """
-    dst = export_model(run_dir, model_base, name=name, version=version, overwrite=overwrite)
+def export(run_dir: Union[str, Path], out: Union[str, Path], name: Optional[str] = None,
+           version: Optional[int] = None, overwrite: bool = False) -> tuple[Path, str]:
+    """``islkeras export --format tfserving``: :func:`export_model` plus what to run next (the message)."""
+    dst = export_model(run_dir, out, name=name, version=version, overwrite=overwrite)
     name, version = dst.parent.name, int(dst.name)
-    click.echo(f"exported {name} version {version} -> {dst}")
-    cmds = serving_commands(model_base, name, version)
-    click.echo("\nInspect the signatures:\n  " + cmds["inspect"])
-    click.echo("Serve with TensorFlow Serving (REST on port 8501):\n  " + cmds["tensorflow_model_server"])
-    click.echo("  or with docker:\n  " + cmds["docker"])
-    click.echo("Serve without TensorFlow Serving (all models under the base folder):\n  " + cmds["islkeras serve"])
-    click.echo("Then:\n  " + cmds["curl"])
+    cmds = serving_commands(out, name, version)
+    message = "\n".join([
+        f"exported {name} version {version} -> {dst}",
+        "", "Inspect the signatures:\n  " + cmds["inspect"],
+        "Serve with TensorFlow Serving (REST on port 8501):\n  " + cmds["tensorflow_model_server"],
+        "  or with docker:\n  " + cmds["docker"],
+        "Serve without TensorFlow Serving (all models under the base folder):\n  " + cmds["islkeras serve"],
+        "Then:\n  " + cmds["curl"],
+    ])
+    return dst, message
