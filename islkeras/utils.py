@@ -1,6 +1,7 @@
 """Small shared helpers: atomic writes, progress bars, locating the shared data, figures on the Agg canvas."""
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import io
 import json
@@ -54,6 +55,12 @@ def _json_default(o):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    # containers that only look like dict/list: e.g. TensorFlow's tracking wrappers (a dict assigned to a Keras
+    # model attribute becomes a _DictWrapper), which Python 3.13's json encoder no longer takes for a dict
+    if isinstance(o, collections.abc.Mapping):
+        return dict(o)
+    if isinstance(o, (collections.abc.Sequence, collections.abc.Set)) and not isinstance(o, (str, bytes)):
+        return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
