@@ -1,181 +1,174 @@
-"""``islkeras serve``'s HTTP layer (``http.server``): connections, bodies and replies around ``ServingApp``,
-``make_server`` and the ``serve`` command."""
+"""``islkeras serve``'s HTTP server: uvicorn (asyncio, h11) running the Starlette app of
+``islkeras.serving.asgi``, ``make_server`` and the ``serve`` command.
+
+uvicorn parses HTTP and keeps idle keep-alive connections cheap (no thread per connection); this module adds
+what it leaves out, in a small subclass of its h11 protocol (``ServingProtocol``):
+
+* a **whole-request deadline**: from a request's first byte, its headers and body must arrive within
+  ``request_timeout_s`` (else 408 and the connection is closed) -- a client trickling a byte at a time
+  cannot hold a connection, however regular its bytes (a per-read timeout never fires on it); a
+  connection that sends nothing is closed after ``idle_timeout_s``;
+* a **connection cap**: beyond ``max_connections`` a new connection gets a 503 and is closed at once;
+* **JSON errors** for HTTP uvicorn itself rejects (a bad request line or header: 400 ``{"error": ...}``).
+
+The deadline is one timer per connection (``loop.call_later``); its start goes to the app in
+``scope["state"]`` so the body read (``asgi.read_body``) ends at the same moment.
+"""
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional, Union
 
 import click
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from islkeras.serving.app import ServeOptions, ServingApp
+from islkeras.serving.asgi import T0_KEY, build_asgi_app
 from islkeras.serving.protocol import HTTPError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)  #: the client's h11 states once its request is in
 
 
-# ------------------------------------------------------------------------------------------------ HTTP
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "islkeras-serve"
-    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall on keep-alive
-    server: "ServingHTTPServer"
+class ServingProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus the request deadline, the connection cap and JSON protocol errors."""
 
-    def setup(self):
-        self.timeout = self.server.app.options.idle_timeout_s
-        self._linger = 0  # bytes of an unread request body to drain before closing (see finish)
-        super().setup()
+    options: ServeOptions = ServeOptions()  #: set per server (a subclass per ``ServingServer``)
 
-    def finish(self):
-        """Lingering close: after an error reply sent before the body was read (413, 411...), stop writing and
-        drain what the client is still sending, so its kernel does not reset the connection before it read
-        the reply."""
-        try:
-            super().finish()
-        finally:
-            if self._linger:
-                with contextlib.suppress(OSError):
-                    self.connection.shutdown(socket.SHUT_WR)
-                    self.connection.settimeout(1.0)
-                    left, deadline = self._linger, time.monotonic() + 5.0
-                    while left > 0 and time.monotonic() < deadline:
-                        chunk = self.connection.recv(min(1 << 16, left))
-                        if not chunk:
-                            break
-                        left -= len(chunk)
+    def __init__(self, config, server_state, app_state, _loop=None):
+        super().__init__(config, server_state, app_state, _loop)
+        self.app_state = dict(app_state)  # per connection: carries the request's start to the app
+        self._timer = None
+        self._active = False  #: a request is being received (else the connection is idle)
 
-    def _content_length(self) -> Optional[int]:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return None
-        try:
-            n = int(raw)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise HTTPError(400, f"bad Content-Length {raw!r}") from None
-        return n
+    # ---- the deadline timer
+    def _arm(self, seconds: float, active: bool) -> None:
+        self._cancel()
+        self._active = active
+        self._timer = self.loop.call_later(seconds, self._expired)
 
-    def _too_large(self, n: int) -> HTTPError:
-        o = self.server.app.options
-        return HTTPError(413, f"request body of {n} bytes exceeds the limit of {o.max_body_bytes} bytes (--max-body-mb "
-                              f"{o.max_body_mb:g}); send smaller batches, or whole fields to :predict_tiff")
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def handle_expect_100(self):
-        """``Expect: 100-continue`` (curl, for large bodies): refuse a too-large body before it is sent."""
-        try:
-            n = self._content_length()
-            if n is not None and n > self.server.app.options.max_body_bytes:
-                raise self._too_large(n)
-        except HTTPError as e:
-            self._reply(e.status, "application/json", json.dumps({"error": e.message}).encode(), close=True)
-            return False
-        return super().handle_expect_100()
-
-    def log_message(self, format, *args):  # noqa: A002 -- BaseHTTPRequestHandler's signature
-        if self.server.app.options.access_log:
-            super().log_message(format, *args)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors raised by http.server itself (bad request line, unsupported method...) as JSON too."""
-        with contextlib.suppress(OSError):
-            self._reply(code, "application/json", json.dumps({"error": message or HTTPStatus(code).phrase}).encode(),
-                        close=True)
-
-    def _reply(self, status: int, ctype: str, data: bytes, close: bool = False, headers: Optional[dict] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if close:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-            if not self._linger and self.command in ("POST", "PUT", "PATCH"):
-                self._linger = 1 << 20
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise HTTPError(411, "chunked request bodies are not supported; send a Content-Length")
-        n = self._content_length()
-        if n is None:
-            if self.command == "POST":
-                raise HTTPError(411, "POST needs a Content-Length header")
-            return b""
-        limit = self.server.app.options.max_body_bytes
-        if n > limit:
-            self._linger = n if n <= max(4 * limit, 16 << 20) else 0  # drain moderately large bodies, drop huge ones
-            raise self._too_large(n)
-        body = self.rfile.read(n)
-        if len(body) != n:
-            raise HTTPError(400, f"request body ended after {len(body)} of {n} bytes")
-        return body
-
-    def _dispatch(self):
-        body_read, headers = False, None
-        try:
-            body = self._read_body()
-            body_read = True
-            reply = self.server.app.handle(self.command, self.path, body)
-            status, ctype, data, headers = reply.status, reply.content_type, reply.body, reply.headers
-        except HTTPError as e:
-            status, ctype, data = e.status, "application/json", json.dumps({"error": e.message}).encode()
-        except Exception as e:  # noqa: BLE001 -- never let a request take the server down
-            traceback.print_exc(file=sys.stderr)
-            status, ctype, data = 500, "application/json", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
-        self._reply(status, ctype, data, close=not body_read, headers=headers)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
-
-
-class ServingHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections handled at once (more get a 503 and are closed)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address, app: ServingApp):
-        host = address[0]
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        self.app = app
-        self._connections = threading.BoundedSemaphore(app.options.max_connections)
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):
-        if not self._connections.acquire(blocking=False):
-            body = json.dumps({"error": f"server busy: {self.app.options.max_connections} connections open "
-                                        "(--max-connections); retry later"}).encode()
-            with contextlib.suppress(OSError):
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.shutdown_request(request)
+    def _expired(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
-            raise
+        if not self._active:  # idle: nothing of a request arrived
+            self.transport.close()
+            return
+        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.SEND_BODY:
+            return  # the app is reading this body with the same deadline and answers the 408 itself
+        self.refuse(408, f"request not received within {self.options.request_timeout_s:g} s (headers and body; "
+                         "--request-timeout)")
 
-    def process_request_thread(self, request, client_address):
+    def refuse(self, status: int, message: str) -> None:
+        """Write a JSON error reply and close the connection (outside h11's bookkeeping: it ends here)."""
+        body = json.dumps({"error": message}).encode()
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        self._cancel()
+        self.transport.write(head + body)
+        self.transport.close()
+
+    # ---- asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.options.max_connections:
+            self.refuse(503, f"server busy: {self.options.max_connections} connections open (--max-connections); "
+                             "retry later")
+            return
+        self._arm(self.options.idle_timeout_s, active=False)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._active:  # the first bytes of a request: its deadline starts now
+            now = time.monotonic()
+            self.app_state[T0_KEY] = now
+            self._arm(self.options.request_timeout_s, active=True)
+        before = self.conn.their_state
+        super().data_received(data)
+        after = self.conn.their_state
+        if after in _RECEIVED:  # the whole request is in: the app owns the rest
+            self._cancel()
+            self._active = False
+        elif before is h11.SEND_BODY and after is h11.IDLE:  # the end of a body discarded after an early reply
+            self._arm(self.options.idle_timeout_s, active=False)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE:  # keep-alive: uvicorn's idle timer watches the connection now
+            self._cancel()
+            self._active = False
+
+    def connection_lost(self, exc) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn calls this inside ``except h11.RemoteProtocolError``: say what h11 found, as JSON."""
+        exc = sys.exc_info()[1]
+        status = getattr(exc, "error_status_hint", 400)
+        detail = re.sub(r"bytearray\((b['\"].*?['\"])\)", r"\1", str(exc)) if exc else msg
+        self.refuse(status if 400 <= status < 600 else 400,
+                    f"Bad request: {detail} (expected HTTP/1.1: a request line 'METHOD /path HTTP/1.1', headers "
+                    "with Host and Content-Length, then the body)")
+
+
+# ------------------------------------------------------------------------------------------------ server
+class ServingServer:
+    """A bound server (models preloaded): ``serve_forever()`` runs uvicorn in the calling thread,
+    ``shutdown()`` (from another thread) stops it, ``server_close()`` releases the socket."""
+
+    def __init__(self, app: ServingApp, host: str, port: int):
+        import uvicorn
+
+        self.app = app
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            super().process_request_thread(request, client_address)
+            self.socket.bind((host, port))
+            self.socket.listen(1024)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        o = app.options
+        protocol = type("ServingProtocol", (ServingProtocol,), {"options": o})
+        config = uvicorn.Config(build_asgi_app(app), http=protocol, loop="asyncio", lifespan="off", log_config=None,
+                                access_log=o.access_log, timeout_keep_alive=o.idle_timeout_s, server_header=False,
+                                proxy_headers=False, timeout_graceful_shutdown=5, backlog=1024)
+        if o.access_log:
+            import logging
+
+            log = logging.getLogger("uvicorn.access")
+            log.addHandler(logging.StreamHandler(sys.stderr))
+            log.setLevel(logging.INFO)
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:  # poll_interval: http.server's signature
+        try:
+            self._server.run(sockets=[self.socket])
         finally:
-            self._connections.release()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        self._stopped.wait(30)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
     @property
     def url(self) -> str:
@@ -184,7 +177,7 @@ class ServingHTTPServer(ThreadingHTTPServer):
 
 
 def make_server(base: Union[str, Path], host: str = "127.0.0.1", port: int = 8501,
-                options: Optional[ServeOptions] = None, **kwargs) -> ServingHTTPServer:
+                options: Optional[ServeOptions] = None, **kwargs) -> ServingServer:
     """A ready (bound, models preloaded) server; run it with ``serve_forever()``, stop with ``shutdown()``.
 
     ``port=0`` picks a free port (see ``server.server_address``). Keyword arguments override ``options``.
@@ -196,7 +189,7 @@ def make_server(base: Union[str, Path], host: str = "127.0.0.1", port: int = 850
         setattr(options, k, v)
     app = ServingApp(base, options)
     app.repo.preload(options.preload)
-    return ServingHTTPServer((host, port), app)
+    return ServingServer(app, host, port)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -209,40 +202,49 @@ def make_server(base: Union[str, Path], host: str = "127.0.0.1", port: int = 850
               help="Model calls running at once.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests waiting for a model slot; more get 503.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Connections handled at once; more get 503.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Connections open at once; more get 503.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Request body limit in MiB; larger bodies get 413.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a request's headers and body may take to arrive; slower ones get 408.")
 @click.option("--preload", type=click.Choice(["latest", "all", "none"]), default="latest", show_default=True,
               help="Versions loaded at start (others load on their first request).")
 @click.option("--tile", type=click.IntRange(min=32), default=None, help=":predict_tiff tile size [default: predict's].")
-@click.option("--overlap", type=click.IntRange(min=0), default=None, help=":predict_tiff tile overlap [default: predict's].")
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help=":predict_tiff tile overlap [default: predict's].")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help=":predict_tiff tiles per model call.")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 def serve_command(model_base: Path, host: str, port: int, max_concurrent: int, max_queue: int, max_connections: int,
-                  max_body_mb: float, preload: str, tile, overlap, batch, access_log: bool):
-    """Serve the models of MODEL_BASE (MODEL_BASE/<name>/<version>/) over the TF Serving REST API.
+                  max_body_mb: float, request_timeout: float, preload: str, tile, overlap, batch, access_log: bool):
+    """Serve the models of MODEL_BASE (MODEL_BASE/<name>/<version>/) over the TF Serving REST API and the
+    Open Inference Protocol (KServe V2: Triton's and KServe's clients, tritonclient).
 
     \b
-    Endpoints:
+    TF Serving REST:
       GET  /v1/models/<name>[/versions/<v>]             version status
       GET  /v1/models/<name>[/versions/<v>]/metadata    signatures + islkeras metadata
       POST /v1/models/<name>[/versions/<v>]:predict     {"instances": ...} or {"inputs": ...}
       POST /v1/models/<name>[/versions/<v>]:predict_tiff  TIFF bytes in, float32 TIFF out
+    KServe V2:
+      GET  /v2/health/live, /v2/health/ready
+      GET  /v2/models/<name>[/versions/<v>][/ready]     metadata (inputs, outputs), readiness
+      POST /v2/models/<name>[/versions/<v>]/infer       JSON or binary tensors
 
     \b
     Examples:
       islkeras serve models/
       curl http://127.0.0.1:8501/v1/models/nuclei
       curl --data-binary @field.tif -o pred.tif http://127.0.0.1:8501/v1/models/nuclei:predict_tiff
+      curl http://127.0.0.1:8501/v2/models/nuclei
     """
     from islkeras.errors import UserError
     from islkeras.utils import keep_large_buffers
 
     keep_large_buffers()  # MB-sized JSON/TIFF buffers from the heap, not fresh pages each request
     options = ServeOptions(max_concurrent=max_concurrent, max_queue=max_queue, max_connections=max_connections,
-                           max_body_mb=max_body_mb, preload=preload, access_log=access_log, tile=tile,
-                           overlap=overlap, batch=batch)
+                           max_body_mb=max_body_mb, request_timeout_s=request_timeout, preload=preload,
+                           access_log=access_log, tile=tile, overlap=overlap, batch=batch)
     t0 = time.monotonic()
     try:
         server = make_server(model_base, host, port, options)
@@ -260,14 +262,15 @@ def serve_command(model_base: Path, host: str, port: int, max_concurrent: int, m
         vs = repo.versions(name)
         click.echo(f"model {name}: versions {', '.join(map(str, sorted(vs)))} (newest {max(vs)} serves by default)",
                    err=True)
-    click.echo(f"serving {repo.base} on {server.url} (ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops)", err=True)
+    click.echo(f"serving {repo.base} on {server.url} (ready in {time.monotonic() - t0:.1f} s; TF Serving REST "
+               "/v1, KServe V2 /v2; Ctrl-C stops)", err=True)
 
-    def _stop(signum, frame):
+    def _stop(signum, frame):  # uvicorn shuts down gracefully on SIGTERM, then re-raises it here
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

@@ -144,9 +144,13 @@ def _check_and_cast(arr: np.ndarray, spec: InputSpec, multiple: Optional[int]) -
         if lo < info.min or hi > info.max:
             raise bad_request(f"input {spec.name!r} is {dt.name}: values must be in [{info.min}, {info.max}], got "
                               f"[{lo}, {hi}]")
-    elif dt.kind == "f" and arr.dtype.kind == "f" and dt.itemsize < arr.dtype.itemsize:
+    elif dt.kind == "f" and arr.dtype.kind == "f":
         finite = np.isfinite(arr)
-        if (np.abs(arr[finite]) > np.finfo(dt).max).any():
+        if not finite.all():  # a NaN/Infinity image would come back as NaN predictions with a 200
+            bad = np.argwhere(~finite)[0].tolist()
+            raise bad_request(f"input {spec.name!r} is {dt.name}: expected finite numbers, got {arr[tuple(bad)]} at "
+                              f"index {bad}")
+        if dt.itemsize < arr.dtype.itemsize and (np.abs(arr) > np.finfo(dt).max).any():
             raise bad_request(f"input {spec.name!r} is {dt.name}: values beyond its range")
     return arr.astype(dt, copy=False)
 

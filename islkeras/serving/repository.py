@@ -77,7 +77,8 @@ class ModelVersion:
 
 
 class ModelRepository:
-    """The models of a base folder: ``BASE/<name>/<version>/`` (or ``BASE/<version>/`` for one model)."""
+    """The models of a base folder: ``BASE/<name>/<version>/`` (or ``BASE/<version>/`` for one model), in TF
+    Serving's layout or a Triton model repository's (``BASE/<name>/<version>/model.savedmodel/``)."""
 
     def __init__(self, base: Union[str, Path], rescan_s: float = 2.0):
         self.base = Path(base).resolve()
@@ -93,11 +94,15 @@ class ModelRepository:
 
     @staticmethod
     def _versions(d: Path) -> dict[int, Path]:
+        """``{version: SavedModel folder}``: ``<v>/saved_model.pb`` (TF Serving), ``<v>/model.savedmodel/`` (Triton)."""
         out = {}
         with contextlib.suppress(OSError):
             for p in d.iterdir():
-                if _is_version(p.name) and (p / "saved_model.pb").is_file():
-                    out[int(p.name)] = p
+                if _is_version(p.name):
+                    for sm in (p, p / "model.savedmodel"):
+                        if (sm / "saved_model.pb").is_file():
+                            out[int(p.name)] = sm
+                            break
         return out
 
     def _scan(self) -> dict[str, dict[int, Path]]:

@@ -15,45 +15,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-META = {"kind": "isl", "inputs": ["bf"], "targets": ["nuc"], "input_dtype": "uint8",
-        "normalization": {"method": "zscore", "percentiles": [1, 99.8], "input_dataset": None},
-        "target_scale": {"offset": [10.0], "scale": [5.0]}}
 TILE = ["--tile", "128", "--overlap", "32"]  # small tiles so the TIFF route really tiles
 MAX_BODY_MB = 1
 
 
-def _tiny_model(seed: int):
-    import tensorflow as tf
-
-    from islkeras.config import ModelConfig
-    from islkeras.models.unet import build_generator
-
-    tf.keras.utils.set_random_seed(seed)
-    return build_generator(ModelConfig(architecture="unet", unet_filters=8, unet_depth=3), 1, 1)
-
-
-@pytest.fixture(scope="module")
-def model_base(tmp_path_factory) -> Path:
-    from islkeras.models.savedmodel import copy_savedmodel, export_savedmodel
-
-    base = tmp_path_factory.mktemp("models")
-    for version in (1, 2):
-        export_savedmodel(_tiny_model(version), base / "isl" / str(version), META)
-    copy_savedmodel(base / "isl" / "1", base / "other" / "1")
-    return base
-
-
-@pytest.fixture(scope="module")
-def direct(model_base):
-    """The SavedModels loaded in this process: {(name, version): ExportedModel}."""
-    from islkeras.models.savedmodel import ExportedModel
-
-    return {("isl", 1): ExportedModel(model_base / "isl" / "1"), ("isl", 2): ExportedModel(model_base / "isl" / "2")}
+# model_base (isl/1, isl/2, other/1) and direct (the SavedModels loaded in this process) are in conftest.py,
+# shared with the other serving tests
 
 
 class Client:
