@@ -12,12 +12,17 @@ One ``tf.train.Example`` per field (or per spatial band of a field, named ``<fie
 ``name``, ``split``, ``height``, ``width`` and, for every channel in ``data.channels``, ``ch/<name>`` (raw
 bytes in the channel's own dtype, C order, shape ``(height, width, planes)``) and ``planes/<name>``
 (written by ``islkeras.data.records``, read back by ``islkeras.data.reader`` and ``islkeras.data.pipeline``).
+
+``manifest.json`` ``fields.<name>`` holds, per record, its split, source field, region, height, width, shard,
+per-channel statistics and, when the field's files carry one, ``pixel_size_um`` ``[y, x]`` (micrometres, from
+the first channel, inputs first, whose file's metadata has a physical pixel size).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +90,27 @@ def try_manifest(records_dir) -> Optional[dict]:
         return read_manifest(records_dir)
     except DataError:
         return None
+
+
+def source_signature(path) -> dict:
+    """``sources`` entry of a channel file: path, size, mtime (an OME-Zarr folder: its files' total size and
+    latest modification)."""
+    if os.path.isdir(path):
+        sts = [os.stat(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs] or [os.stat(path)]
+        latest = max(sts, key=lambda st: st.st_mtime_ns)
+        return {"path": str(path), "size": sum(int(st.st_size) for st in sts), "mtime": latest.st_mtime,
+                "mtime_ns": int(latest.st_mtime_ns)}
+    st = os.stat(path)
+    return {"path": str(path), "size": int(st.st_size), "mtime": st.st_mtime, "mtime_ns": int(st.st_mtime_ns)}
+
+
+def field_pixel_size(cfg, headers: dict) -> Optional[list]:
+    """A field's ``[y, x]`` pixel size in micrometres from its channel headers (``tiff.ChannelHeader``), or None."""
+    d = cfg.data
+    for c in list(d.inputs) + [c for c in d.channels if c not in d.inputs]:
+        if headers[c].pixel_size_um is not None:
+            return [float(v) for v in headers[c].pixel_size_um]
+    return None
 
 
 # ------------------------------------------------------------------------------------------- statistics

@@ -1,5 +1,6 @@
-"""TIFF folders -> TFRecord shards + ``manifest.json`` (``islkeras convert``, ``ensure_records``); the
-folder's format is described in ``islkeras.data.manifest``.
+"""Microscope files (TIFF folders, or any format of ``islkeras.data.formats``) -> TFRecord shards +
+``manifest.json`` (``islkeras convert``, ``ensure_records``); the folder's format is described in
+``islkeras.data.manifest``.
 
 Records hold *all* channels of ``data.channels`` so several configs (which differ in inputs/targets/loss)
 share one records folder. They are stale when the part of the data section that shapes them (root, fields,
@@ -26,8 +27,8 @@ import click
 import numpy as np
 
 from islkeras.data import tiff as _tiff
-from islkeras.data.manifest import (MANIFEST, SHARD_RE, Shard, build_manifest, channel_stats, records_hash,
-                                    split_rank, try_manifest)
+from islkeras.data.manifest import (MANIFEST, SHARD_RE, Shard, build_manifest, channel_stats, field_pixel_size,
+                                    records_hash, source_signature, split_rank, try_manifest)
 from islkeras.data.splits import Record, assign_splits, spatial_records
 from islkeras.errors import DataError
 
@@ -46,11 +47,6 @@ def _channel_kind(cfg, name: str) -> str:
     if name in d.inputs:
         return "input"
     return "other"
-
-
-def _source_sig(path: Path) -> dict:
-    st = os.stat(path)
-    return {"path": str(path), "size": int(st.st_size), "mtime": st.st_mtime, "mtime_ns": int(st.st_mtime_ns)}
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -192,7 +188,7 @@ def _sources(cfg, names: list[str]) -> dict:
     out = {}
     for n in names:
         for c, spec in d.channels.items():
-            out[f"{n}/{c}"] = _source_sig(_tiff.channel_path(d.root, n, c, spec))
+            out[f"{n}/{c}"] = source_signature(_tiff.channel_path(d.root, n, c, spec))
     return out
 
 
@@ -227,7 +223,8 @@ def stale_reason(cfg, manifest: Optional[dict]) -> Optional[str]:
 
 
 def convert(cfg, overwrite: bool = False, workers: Optional[int] = None) -> dict:
-    """Convert the TIFF fields of ``cfg.data`` into shards + manifest under ``cfg.data.records``.
+    """Convert the fields of ``cfg.data`` (TIFF or other microscope files) into shards + manifest under
+    ``cfg.data.records``.
 
     Up-to-date records are left alone (unless ``overwrite``); unchanged shards are kept. Returns the manifest.
     On any error nothing that was there before is changed and nothing new is left behind.
@@ -279,7 +276,7 @@ def _convert_locked(cfg, out, old, overwrite, workers, created) -> dict:
     names = [n for n in names if n in splits]
     n_workers = workers or d.workers or os.cpu_count() or 1
 
-    # 1. headers only: missing files, unreadable TIFFs, z index out of range, shapes, consistent dtypes
+    # 1. headers only: missing files, unreadable files, channel/z/time out of range, shapes, consistent dtypes
     with cf.ThreadPoolExecutor(max_workers=n_workers) as ex:
         headers = dict(zip(names, ex.map(lambda n: _tiff.check_field(d.root, n, d.channels), names)))
     channels = {}
@@ -350,6 +347,11 @@ def _convert_locked(cfg, out, old, overwrite, workers, created) -> dict:
         ex.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
+    for r in recs:  # the pixel size from the files' metadata, when they have one
+        ps = field_pixel_size(cfg, headers[r.field])
+        if ps is not None:
+            metas[r.name] = dict(metas[r.name], pixel_size_um=ps)
+
     # 3. manifest (last, atomic), then remove what no manifest refers to
     manifest = build_manifest(cfg, rhash, channels, sources, shards, recs, metas)
     from islkeras.utils import atomic_write_json
@@ -388,7 +390,7 @@ def ensure_records(cfg, workers: Optional[int] = None) -> dict:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted path, JSON value), e.g. --set data.shard_size=2. Repeatable.")
 def convert_command(config, overwrite, workers, data_root, sets):
-    """Convert the TIFF fields named by CONFIG into TFRecord shards plus manifest.json.
+    """Convert the fields named by CONFIG (TIFF, OME-TIFF, OME-Zarr, CZI, ND2, LIF) into TFRecord shards.
 
     Reads every field folder under data.root (data.fields glob), stacks the channels of data.channels in
     their own dtype, assigns splits (data.split) and writes data.shard_size records per shard into

@@ -1,4 +1,4 @@
-"""Read the channels of one field from TIFF files, as the config's ``ChannelSpec`` describes them.
+"""Read the channels of one field from microscope files, as the config's ``ChannelSpec`` describes them.
 
 A field is a folder (``data.root/<field>/``) holding one TIFF per channel; ``ChannelSpec.file`` is a file
 name or glob inside that folder, or a pattern containing ``{field}`` resolved against ``data.root``
@@ -10,6 +10,13 @@ in the file's own dtype (``uint8``, ``uint16``, ``float32``...):
   other axes are flattened in file order into the plane axis, singleton axes are dropped);
 * ``planes`` picks z indices (``"all"`` = every plane), ``projection`` collapses the picked planes into
   one (``max`` keeps the dtype, ``mean`` gives ``float32``).
+
+A spec with a ``channel`` (a name or an index inside a multi-channel file) or a ``time`` point, and every
+file that is not a TIFF (CZI, ND2, LIF, OME-Zarr...), is read through ``islkeras.data.formats.open_image``:
+``planes`` then index the z planes of that one channel at that time point (e.g. ``{"file": "{field}.czi",
+"channel": "DAPI", "planes": [3]}``); a file holding several channels needs ``channel``. TIFFs without
+either key are read as above, exactly as before (no extra needed). Headers also give the pixel size (y, x)
+in micrometres when the file has one (``ChannelHeader.pixel_size_um``).
 
 Every problem a user can fix raises ``islkeras.errors.DataError`` naming the field and the file.
 """
@@ -24,6 +31,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from islkeras.data import formats as _formats
 from islkeras.errors import DataError
 
 #: dtypes stored as they are; others are converted (see ``_storage_dtype``)
@@ -38,6 +46,7 @@ class ChannelHeader:
     shape: tuple  #: (H, W, n_planes_in_file)
     dtype: str  #: the file's dtype
     axes: str
+    pixel_size_um: Optional[tuple] = None  #: (y, x) in micrometres from the file's metadata, when it has one
 
 
 def field_names(root: str | Path, pattern: str = "*", channels: Optional[Mapping] = None) -> list[str]:
@@ -49,7 +58,8 @@ def field_names(root: str | Path, pattern: str = "*", channels: Optional[Mapping
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist or is not a folder")
-    names = sorted(p.name for p in root.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in root.glob(pattern)
+                   if p.is_dir() and not p.name.startswith(".") and not _formats.is_image_path(p))
     if not names and channels:
         specs = list(channels.values())
         if specs and all("{field}" in s.file for s in specs):
@@ -75,7 +85,7 @@ def channel_path(root: str | Path, field: str, channel: str, spec) -> Path:
     else:
         pattern = str(root / glob.escape(field) / spec.file)
     matches = sorted(glob.glob(pattern))
-    matches = [m for m in matches if os.path.isfile(m)]
+    matches = [m for m in matches if os.path.isfile(m) or _formats.is_image_path(m)]  # OME-Zarr: a folder
     if not matches:
         raise DataError(f"field {field}: channel {channel!r}: no file matching {pattern} (data.channels.{channel}.file)")
     if len(matches) > 1:
@@ -98,23 +108,54 @@ def _plane_layout(axes: str, shape: Sequence[int], where: str) -> tuple[int, int
     return h, w, n
 
 
-def read_header(path: Path, field: str, channel: str) -> ChannelHeader:
-    """Open a TIFF and read its shape/axes/dtype (fast: no pixel data)."""
+def uses_formats(path, spec) -> bool:
+    """Whether ``spec`` is read through ``formats.open_image`` (see the module doc) or tifffile as before."""
+    return (spec is not None and (getattr(spec, "channel", None) is not None or getattr(spec, "time", 0) != 0)
+            or not _formats.is_tiff(path))
+
+
+def _open(path: Path, spec, field: str, channel: str):
+    """The opened image and the channel index it reads (DataError naming the field, channel and key)."""
+    where = f"field {field}: channel {channel!r}"
+    try:
+        img = _formats.open_image(path)
+    except DataError as e:
+        raise DataError(f"{where}: {e.format_message()}") from None
+    try:
+        c = img.channel_index(getattr(spec, "channel", None))
+    except DataError as e:
+        raise DataError(f"{where}: {e.format_message()} (data.channels.{channel}.channel; "
+                        f"islkeras predict: --file-channel {channel}=NAME)") from None
+    t = getattr(spec, "time", 0)
+    if not 0 <= t < img.dims.T:
+        raise DataError(f"{where}: {path}: time point {t} is beyond the file's {img.dims.T} time point(s) "
+                        f"(valid 0..{img.dims.T - 1}; data.channels.{channel}.time)")
+    return img, c
+
+
+def read_header(path: Path, field: str, channel: str, spec=None) -> ChannelHeader:
+    """Open a file and read its shape/axes/dtype/pixel size (fast: no pixel data). With ``spec`` (needed for
+    a ``channel``/``time`` key or a non-TIFF file), the planes are those of the selected channel."""
     import tifffile
 
     where = f"field {field}: channel {channel!r}: {path}"
+    if uses_formats(path, spec):
+        img, _ = _open(Path(path), spec, field, channel)
+        return ChannelHeader(path=Path(path), shape=(img.dims.Y, img.dims.X, img.dims.Z), dtype=img.dtype.name,
+                             axes=img.format, pixel_size_um=img.pixel_size_um)
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise DataError(f"{where}: the TIFF holds no image")
             s = tif.series[0]
             shape, axes, dtype = tuple(s.shape), s.axes, np.dtype(s.dtype)
+            pixel_size = _formats.tiff_pixel_size(tif)
     except DataError:
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, OSError...
         raise DataError(f"{where}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
     h, w, n = _plane_layout(axes, shape, where)
-    return ChannelHeader(path=Path(path), shape=(h, w, n), dtype=str(dtype), axes=axes)
+    return ChannelHeader(path=Path(path), shape=(h, w, n), dtype=str(dtype), axes=axes, pixel_size_um=pixel_size)
 
 
 def selected_planes(spec, n_planes: int, where: str) -> list[int]:
@@ -168,17 +209,25 @@ def read_channel(path: Path, spec, field: str, channel: str) -> np.ndarray:
     import tifffile
 
     where = f"field {field}: channel {channel!r}: {path}"
-    try:
-        with tifffile.TiffFile(path) as tif:
-            s = tif.series[0]
-            axes = s.axes
-            arr = s.asarray()
-    except Exception as e:
-        raise DataError(f"{where}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
-    arr = _to_hwp(np.asarray(arr), axes)
-    planes = selected_planes(spec, arr.shape[-1], where)
-    if spec.planes != "all":
-        arr = arr[..., planes]
+    if uses_formats(path, spec):
+        img, c = _open(Path(path), spec, field, channel)
+        selected_planes(spec, img.dims.Z, where)
+        try:
+            arr = img.read(c, spec.planes, spec.time)
+        except DataError as e:
+            raise DataError(f"field {field}: channel {channel!r}: {e.format_message()}") from None
+    else:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                s = tif.series[0]
+                axes = s.axes
+                arr = s.asarray()
+        except Exception as e:
+            raise DataError(f"{where}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
+        arr = _to_hwp(np.asarray(arr), axes)
+        planes = selected_planes(spec, arr.shape[-1], where)
+        if spec.planes != "all":
+            arr = arr[..., planes]
     if spec.projection == "max":
         arr = arr.max(axis=-1, keepdims=True)
     elif spec.projection == "mean":
@@ -198,12 +247,13 @@ def read_channel(path: Path, spec, field: str, channel: str) -> np.ndarray:
 
 
 def check_field(root: str | Path, field: str, channels: Mapping) -> dict[str, ChannelHeader]:
-    """Validate a field from the TIFF headers only: files exist and are readable, z indices are in range,
-    all channels have the same height and width. Returns the headers by channel name."""
+    """Validate a field from the file headers only: files exist and are readable, channels and time points
+    exist, z indices are in range, all channels have the same height and width. Returns the headers by
+    channel name."""
     headers = {}
     for name, spec in channels.items():
         path = channel_path(root, field, name, spec)
-        hdr = read_header(path, field, name)
+        hdr = read_header(path, field, name, spec)
         selected_planes(spec, hdr.shape[2], f"field {field}: channel {name!r}: {path}")
         headers[name] = hdr
     _check_shapes(field, {n: h.shape[:2] for n, h in headers.items()}, {n: h.path for n, h in headers.items()})

@@ -1,9 +1,11 @@
 """Fields as files for prediction: which files of a field folder are the model's inputs (run layout,
-``--channel/--planes/--projection``), reading them, and writing predictions as ImageJ TIFFs.
+``--channel/--planes/--projection/--file-channel/--time``), reading them (TIFF, or any microscope format of
+``islkeras.data.formats``: OME-TIFF, OME-Zarr, CZI, ND2, LIF), and writing predictions as ImageJ TIFFs.
 
 Output files (``islkeras predict``): ``<out>/<name>_prediction.tif`` where ``<name>`` is the field
-folder's name or the input TIFF's file name without extension (``_2``, ``_3``... appended when two inputs
-share a name). ImageJ hyperstack: axes ``YX`` (one output channel) or ``CYX``, channel names as labels.
+folder's name or the input file's name without extension (``_2``, ``_3``... appended when two inputs
+share a name; ``.ome.tif``, ``.ome.zarr`` are stripped whole). ImageJ hyperstack: axes ``YX`` (one output
+channel) or ``CYX``, channel names as labels.
 
 ``--dtype float32`` (default) writes the prediction as it is: float32 on the training target's intensity
 scale (ISL) or probabilities 0..1 (segmentation). ``--dtype uint16`` writes::
@@ -26,11 +28,10 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from islkeras.data.formats import is_image_path, suffix_of
 from islkeras.errors import DataError, UserError
 from islkeras.training.run import run_config_of
 from islkeras.inference.tiling import check_image
-
-TIFF_SUFFIXES = (".tif", ".tiff")
 
 __all__ = ["parse_planes", "input_specs", "InputItem", "find_inputs", "read_input", "output_names", "to_uint16",
            "write_prediction", "unique_names"]
@@ -75,10 +76,13 @@ def _split_named(value: str, names: Sequence[str], option: str):
 
 
 def input_specs(model, channel_files: Sequence[str] = (), planes: Sequence[str] = (),
-                projections: Sequence[str] = ()) -> dict:
+                projections: Sequence[str] = (), file_channels: Sequence[str] = (),
+                times: Sequence[str] = ()) -> dict:
     """``{input channel: ChannelSpec}`` in the model's input order: the run's ``data.channels`` when the
     model sits in a run folder (``<run>/config.json``), else ``<channel>.tif``/``.tiff`` with all planes;
-    then the CLI overrides ``--channel NAME=FILE``, ``--planes [NAME=]LIST``, ``--projection [NAME=]MODE``."""
+    then the CLI overrides ``--channel NAME=FILE``, ``--planes [NAME=]LIST``, ``--projection [NAME=]MODE``,
+    ``--file-channel [NAME=]CHANNEL`` (a channel name inside the file, or its index when a number) and
+    ``--time [NAME=]T``."""
     import copy
 
     from islkeras.config import ChannelSpec
@@ -105,22 +109,40 @@ def input_specs(model, channel_files: Sequence[str] = (), planes: Sequence[str] 
             raise UserError(f"--projection {item!r}: expected none, max or mean")
         for k in ([n] if n else names):
             specs[k].projection = v
+    for item in file_channels:
+        n, v = _split_named(item, names, "--file-channel")
+        if not v:
+            raise UserError(f"--file-channel {item!r}: expected [NAME=]CHANNEL, a channel's name or index")
+        for k in ([n] if n else names):
+            specs[k].channel = int(v) if v.isdigit() else v
+    for item in times:
+        n, v = _split_named(item, names, "--time")
+        if not v.isdigit():
+            raise UserError(f"--time {item!r}: expected [NAME=]T, a time point index >= 0")
+        for k in ([n] if n else names):
+            specs[k].time = int(v)
     return specs
 
 
 @dataclass
 class InputItem:
-    """One thing to predict: a field folder laid out like the training data, or a single TIFF file."""
+    """One thing to predict: a field folder laid out like the training data, or a single image file."""
 
     name: str  #: used for the output file name
     kind: str  #: "field" or "file"
-    path: Path  #: the field folder or the TIFF file
+    path: Path  #: the field folder or the image file (an OME-Zarr folder is a file here)
     root: Optional[Path] = None  #: data root a field's channel patterns are resolved against
     error: Optional[str] = None  #: set when the input could not even be located
 
 
-def _is_tiff(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in TIFF_SUFFIXES
+IMAGE_KINDS = ".tif/.tiff, .ome.tif, .ome.zarr, .czi, .nd2, .lif"
+_is_image = is_image_path  #: a TIFF, CZI, ND2, LIF... file or an OME-Zarr folder
+
+
+def _stem(p: Path) -> str:
+    """The file name without its format suffix (``.tif``, ``.ome.tif``, ``.ome.zarr``, ``.czi``...)."""
+    s = suffix_of(p)
+    return p.name[:len(p.name) - len(s)] if s and p.name.lower().endswith(s) else p.stem
 
 
 def _resolves(root: Path, field: str, specs: Mapping) -> bool:
@@ -142,11 +164,11 @@ def find_inputs(paths: Iterable[Union[str, Path]], specs: Mapping) -> list[Input
     flat = any("{field}" in s.file for s in specs.values())
     for raw in paths:
         p = Path(raw)
-        if _is_tiff(p):
-            items.append(InputItem(p.stem, "file", p))
+        if _is_image(p):
+            items.append(InputItem(_stem(p), "file", p))
             continue
         if p.is_file():
-            items.append(InputItem(p.stem, "file", p, error=f"{p}: not a TIFF file (.tif/.tiff)"))
+            items.append(InputItem(p.stem, "file", p, error=f"{p}: not an image file ({IMAGE_KINDS})"))
             continue
         if not p.is_dir():
             items.append(InputItem(p.name or str(p), "file", p, error=f"{p}: no such file or folder"))
@@ -162,18 +184,19 @@ def find_inputs(paths: Iterable[Union[str, Path]], specs: Mapping) -> list[Input
                 names = []
             found = [InputItem(n, "field", p / n, root=p) for n in names]
         else:
-            for sub in sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            subs = (d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and not _is_image(d))
+            for sub in sorted(subs):
                 if _resolves(p, sub.name, specs):
                     found.append(InputItem(sub.name, "field", sub, root=p))
-                elif any(_is_tiff(f) for f in sub.iterdir()):
+                elif any(_is_image(f) for f in sub.iterdir()):
                     want = ", ".join(f"{n}: {s.file}" for n, s in specs.items())
                     found.append(InputItem(sub.name, "field", sub, root=p,
                                            error=f"{sub}: not a field folder of this model (expects {want})"))
         if not found:
-            found = [InputItem(f.stem, "file", f) for f in sorted(p.iterdir()) if _is_tiff(f)]
+            found = [InputItem(_stem(f), "file", f) for f in sorted(p.iterdir()) if _is_image(f)]
         if not found:
             want = ", ".join(f"{n}: {s.file}" for n, s in specs.items())
-            found = [InputItem(p.name, "field", p, error=f"{p}: no TIFF files and no field folders ({want}) in it")]
+            found = [InputItem(p.name, "field", p, error=f"{p}: no image files and no field folders ({want}) in it")]
         items.extend(found)
     return items
 
@@ -182,9 +205,11 @@ def read_input(item: InputItem, specs: Mapping, n_inputs: int) -> np.ndarray:
     """The raw ``(H, W, n_inputs)`` network input of one ``InputItem`` (DataError naming the file otherwise).
 
     A field folder: every input channel read as its ``ChannelSpec`` says (file, planes, projection), planes
-    stacked in the model's input order. A single TIFF: with one input channel, read with that channel's
-    planes/projection; with several, the file's planes (after ``--planes``) must be all the input planes in
-    order. 2-D files are one plane; stacks are split into planes by their non-YX axes (ZYX, CYX, YXS...).
+    stacked in the model's input order. A single file: with one input channel, read with that channel's
+    channel/time/planes/projection; with several, each input channel is read from the file by its own
+    ``channel`` when one names it (a CZI/ND2/LIF/OME file holding every input channel), else the file's planes
+    (after ``--planes``) must be all the input planes in order. 2-D TIFFs are one plane; TIFF stacks are split
+    into planes by their non-YX axes (ZYX, CYX, YXS...).
     """
     import copy
 
@@ -205,11 +230,21 @@ def read_input(item: InputItem, specs: Mapping, n_inputs: int) -> np.ndarray:
             raise DataError(f"field {item.path}: input channels have different sizes: {desc}")
         where = f"field {item.path}"
         detail = ", ".join(f"{n}: {a.shape[-1]}" for n, a in zip(names, parts))
+    elif len(names) > 1 and any(specs[n].channel is not None for n in names):  # one file holds every input
+        parts = [_tiff.read_channel(item.path, specs[n], item.name, n) for n in names]
+        where = str(item.path)
+        detail = ", ".join(f"{n}: {a.shape[-1]}" for n, a in zip(names, parts))
     else:
         if len(names) == 1:
             spec = copy.deepcopy(specs[names[0]])
         else:
             from islkeras.config import ChannelSpec
+            from islkeras.data.formats import is_tiff, open_image
+
+            if not is_tiff(item.path) and len(chans := open_image(item.path).channel_names) > 1:
+                raise DataError(f"{item.path}: which of its channels ({', '.join(chans)}) is each input of the "
+                                f"model ({', '.join(names)})? say it with "
+                                + " ".join(f"--file-channel {n}=CHANNEL" for n in names))
 
             first = specs[names[0]]
             spec = ChannelSpec(file=item.path.name, planes=first.planes, projection=first.projection)
@@ -222,7 +257,8 @@ def read_input(item: InputItem, specs: Mapping, n_inputs: int) -> np.ndarray:
         dt = np.result_type(*[a.dtype for a in parts])
         image = np.concatenate([a.astype(dt, copy=False) for a in parts], axis=-1)
     if image.shape[-1] != n_inputs:
-        hint = "; pick planes with --planes (e.g. --planes 0 or --planes 0-12) or collapse them with --projection max"
+        hint = ("; pick planes with --planes (e.g. --planes 0 or --planes 0-12) or collapse them with --projection "
+                "max (a multi-channel file: pick the channel with --file-channel NAME=CHANNEL)")
         raise DataError(f"{where}: the model takes {n_inputs} input plane(s) "
                         f"({', '.join(names)}), got {image.shape[-1]} ({detail}){hint}")
     return check_image(image, n_inputs, where)

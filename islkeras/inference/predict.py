@@ -1,4 +1,5 @@
-"""``islkeras predict``: whole fields of a trained model, TIFF in -> TIFF out.
+"""``islkeras predict``: whole fields of a trained model, microscope files (TIFF, CZI, ND2, LIF, OME) in,
+TIFF out.
 
 The arrays are predicted by :func:`islkeras.inference.tiling.predict_field` (tiles blended with a Hann
 window); :mod:`islkeras.inference.fields` finds, reads and writes the files.
@@ -35,26 +36,36 @@ from islkeras.inference.tiling import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TI
               help="z planes to use: 'all', '0,2,4' or '0-12' (for channel NAME, or every input channel).")
 @click.option("--projection", multiple=True, metavar="[NAME=]MODE",
               help="Collapse the planes: none, max or mean (for channel NAME, or every input channel).")
+@click.option("--file-channel", "file_channels", multiple=True, metavar="[NAME=]CHANNEL",
+              help="The channel inside a multi-channel file (CZI, ND2, LIF, OME-TIFF/-Zarr) that is input NAME: "
+                   "its name in the file, or its index when a number.")
+@click.option("--time", "times", multiple=True, metavar="[NAME=]T",
+              help="Time point of a time-lapse file (default 0).")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the predictions of the 8 rot90/flip "
                                           "symmetries of each field (8x the time).")
-def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel_files, planes, projection, tta):
-    """Predict fluorescence for whole fields with a trained model, TIFF in -> TIFF out.
+def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel_files, planes, projection,
+                    file_channels, times, tta):
+    """Predict fluorescence for whole fields with a trained model, microscope files in -> TIFF out.
 
-    MODEL is a run folder (runs/<name>/<stamp>) or a SavedModel folder. Each INPUT is a TIFF file, a field
-    folder laid out like the training data, or a folder of those (or of TIFF files).
+    MODEL is a run folder (runs/<name>/<stamp>) or a SavedModel folder. Each INPUT is an image file (TIFF,
+    OME-TIFF, OME-Zarr folder, CZI, ND2, LIF), a field folder laid out like the training data, or a folder
+    of those.
 
     \b
     Input layout: with a run folder, the run's config.json says which files of a field folder are the
     input channels (data.channels / data.inputs: file name, z planes, projection); a bare SavedModel
     expects <channel>.tif. A single TIFF is a 2-D image (one input plane) or a stack (ZYX, CYX, YXS...)
-    whose planes are the input planes; --channel / --planes / --projection override the layout.
+    whose planes are the input planes; --channel / --planes / --projection override the layout. In a
+    multi-channel file (CZI, ND2, LIF, OME) --file-channel NAME=CHANNEL picks the channel that is input NAME
+    by its name in the file (the run's data.channels.NAME.channel by default), --time a time point; formats
+    other than TIFF need the extra: pip install 'islkeras[formats]'.
 
     \b
     Fields of any size are predicted in overlapping tiles (--tile, --overlap) blended with a smooth
     window, after normalising the whole field at once; the output has the input's height and width.
 
     \b
-    Output: OUT/<name>_prediction.tif, <name> = the field folder's name or the TIFF's name without
+    Output: OUT/<name>_prediction.tif, <name> = the field folder's name or the file's name without
     extension (_2, _3... when names repeat). ImageJ TIFF, axes YX (one channel) or CYX, channel names as
     labels. float32 (default) is on the training target's intensity scale; --dtype uint16 stores
     uint16 = clip(round(prediction), 0, 65535), i.e. the same grey values as a uint8/uint16 target
@@ -73,6 +84,7 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
       islkeras predict runs/aiseg_nuclei_l1/20250101-120000 /data/plate1/ --out predictions/
       islkeras predict runs/x/20250101-120000/savedmodel "my scans/field 1.tif" --out "out dir" --dtype uint16
       islkeras predict runs/neurons/20250101-120000 A4/phase.tif --planes 0-12 --out preds/ --tile 256
+      islkeras predict runs/x/20250101-120000 plate1.czi --file-channel "TL Brightfield" --planes 3 --out preds/
     """
     import sys
 
@@ -85,7 +97,7 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
     if batch < 1:
         raise UserError(f"--batch {batch}: must be >= 1")
     em = ExportedModel(model)
-    specs = input_specs(em, channel_files, planes, projection)
+    specs = input_specs(em, channel_files, planes, projection, file_channels, times)
     items = find_inputs(inputs, specs)
     if not items:
         raise UserError("no inputs to predict")
@@ -106,8 +118,10 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
                 tqdm.write(f"{item.path}: {clipped} pixel(s) outside 0..65535 clipped for uint16", file=sys.stderr)
             done += 1
         except UserError as e:
-            failed.append((item, e.format_message()))
-            tqdm.write(f"error: {e.format_message()}", file=sys.stderr)
+            msg = e.format_message()
+            msg = msg if str(item.path) in msg else f"{item.path}: {msg}"  # name the file (NaN pixels...)
+            failed.append((item, msg))
+            tqdm.write(f"error: {msg}", file=sys.stderr)
         except MemoryError:
             msg = f"{item.path}: not enough memory (try a smaller --tile or --batch)"
             failed.append((item, msg))

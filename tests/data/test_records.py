@@ -207,7 +207,21 @@ def test_csv_split_errors(tmp_path):
     (tmp_path / "data" / "fields.csv").write_text("id,sp\nfield_000,train\n")
     with pytest.raises(DataError, match=r"no column 'split'"):
         records.convert(cfg)
+    # a typo would make an unknown split (and no validation data), an empty cell would drop the field
+    (tmp_path / "data" / "fields.csv").write_text("id,split\nfield_000,train\nfield_001,valid\nfield_002,test\n")
+    with pytest.raises(DataError, match=r"fields\.csv line 3 \(field field_001\): split 'valid' in column 'split'; "
+                                        r"expected one of train, val, test"):
+        records.convert(cfg)
+    (tmp_path / "data" / "fields.csv").write_text("id,split\nfield_000,train\nfield_001,val\nfield_002, \n")
+    with pytest.raises(DataError, match=r"line 4 \(field field_002\): an empty split cell in column 'split'"):
+        records.convert(cfg)
+    (tmp_path / "data" / "fields.csv").write_text("id,split\nfield_000,train\n,val\nfield_001,val\nfield_002,test\n,\n")
+    with pytest.raises(DataError, match=r"fields\.csv line 3: no field name in column 'id'"):
+        records.convert(cfg)
     assert not (tmp_path / "rec").exists()
+    (tmp_path / "data" / "fields.csv").write_text("id,split\nfield_000,train\nfield_001,val\nfield_002,test\n,\n")
+    assert assign_splits(cfg, ["field_000", "field_001", "field_002"]) == {  # a blank row is no row
+        "field_000": "train", "field_001": "val", "field_002": "test"}
 
 
 # ------------------------------------------------------------------------------------ bad inputs

@@ -94,6 +94,12 @@ def test_tta_is_the_mean_of_the_eight_symmetries(tiny_model, aiseg_field):
 def test_predict_field_errors(tiny_model):
     from islkeras.inference.tiling import predict_field
 
+    for bad in (np.nan, np.inf):  # arrays handed over directly (evaluate, transfer, napari) are checked too
+        img = np.ones((64, 64), np.float32)
+        img[3, 4] = bad
+        with pytest.raises(DataError, match="contains NaN or infinite pixel values"):
+            predict_field(tiny_model, img)
+
     with pytest.raises(DataError, match="too small"):
         predict_field(tiny_model, np.zeros((100, 1), np.uint8))
     with pytest.raises(DataError, match="1 input plane"):
@@ -149,6 +155,31 @@ def test_predict_cli_mixed_inputs(tiny_run, tiny_model, aiseg_dir, aiseg_field, 
                                    "--out", str(out), "--planes", "1"])
     assert res.exit_code == 0, res.output
     assert tifffile.imread(out / "rgb_prediction.tif").shape == (256, 256)
+
+
+def test_predict_rejects_nan_and_inf_inputs_and_predicts_the_rest(tiny_run, aiseg_field, tmp_path):
+    """A float image with a NaN or infinite pixel is reported by name and skipped (no output written);
+    the finite one next to it is predicted."""
+    import tifffile
+    from click.testing import CliRunner
+
+    from islkeras.cli import cli
+
+    good = aiseg_field[:64, :96].astype(np.float32)
+    for name, bad in (("nan", np.nan), ("inf", np.inf)):
+        img = good.copy()
+        img[5, 7] = bad
+        tifffile.imwrite(tmp_path / f"{name}.tif", img)
+    tifffile.imwrite(tmp_path / "good.tif", good)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["predict", str(tiny_run), str(tmp_path / "nan.tif"), str(tmp_path / "inf.tif"),
+                                   str(tmp_path / "good.tif"), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2 and all("NaN" in ln and "infinite" in ln for ln in lines), res.output
+    assert str(tmp_path / "nan.tif") in lines[0] and str(tmp_path / "inf.tif") in lines[1]
+    assert "predicted 1 of 3" in res.output and "2 of 3 input(s) failed" in res.output
+    assert [p.name for p in out.iterdir()] == ["good_prediction.tif"]
 
 
 def test_uint16_maps_back_to_target_scale(tiny_model, aiseg_field, tmp_path):
