@@ -24,11 +24,13 @@ from islkeras.errors import ConfigError  # noqa: E402  (re-exported)
 # --------------------------------------------------------------------------------------------- sections
 @dataclass
 class ChannelSpec:
-    """Where one named channel of a field lives and how its planes are taken."""
+    """Where one named channel of a field lives (``channel``: its name or index in a CZI/ND2/LIF/OME file)."""
 
     file: str  #: file name (glob allowed) inside the field folder, or a pattern with ``{field}``
     planes: Union[str, list[int]] = "all"  #: ``"all"`` or a list of z indices into a 3-D stack
     projection: Literal["none", "max", "mean"] = "none"  #: collapse the selected planes into one
+    channel: Optional[Union[str, int]] = field(default=None, metadata={"omit_default": True})  #: in the file
+    time: int = field(default=0, metadata={"omit_default": True})  #: time point of a time-lapse file
 
 
 @dataclass
@@ -125,10 +127,11 @@ class TrainingConfig:
     epochs: int = 10
     steps_per_epoch: int = 100
     validation_steps: Optional[int] = None  #: default: all validation crops
+    validation: bool = True  #: records need val fields; false: no validation, best epoch on training metrics
     learning_rate: float = 1e-3
     lr_schedule: Optional[Literal["cosine", "plateau"]] = None
     early_stopping: Optional[EarlyStoppingConfig] = field(default_factory=EarlyStoppingConfig)
-    max_minutes: Optional[float] = None  #: stop after the epoch that crosses this wall-clock budget
+    max_minutes: Optional[float] = None  #: safety cap: stop after the epoch that crosses it (reported)
     strategy: Literal["default", "mirrored", "multiworker", "auto"] = "default"
     devices: Optional[list[str]] = None  #: for mirrored: named devices (default all local GPUs)
     mixed_precision: Optional[Literal["mixed_float16", "mixed_bfloat16"]] = None
@@ -196,18 +199,12 @@ def expand_path(value: str, base_dir: Union[str, Path]) -> str:
 
     def sub(m: re.Match) -> str:
         var, default = m.group(1), m.group(2)
-        got = os.environ.get(var)
-        if got is None:
-            if default is None:
-                raise ConfigError(f"environment variable {var} is not set (used in path {value!r})")
-            return default
-        return got
+        if os.environ.get(var) is None and default is None:
+            raise ConfigError(f"environment variable {var} is not set (used in path {value!r})")
+        return os.environ.get(var, default)
 
-    expanded = os.path.expanduser(_ENV.sub(sub, value))
-    p = Path(expanded)
-    if not p.is_absolute():
-        p = Path(base_dir) / p
-    return str(Path(os.path.normpath(p)))
+    p = Path(os.path.expanduser(_ENV.sub(sub, value)))
+    return str(Path(os.path.normpath(p if p.is_absolute() else Path(base_dir) / p)))
 
 
 def _is_internal(f: dataclasses.Field) -> bool:
@@ -282,9 +279,8 @@ def _from_dict(cls: type, data: dict, path: str, source: str):
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {'.'.join(filter(None, [path, close[0]]))!r}?" if close else ""
             valid = ", ".join(fields)
-            raise ConfigError(
-                f"{source}: unknown key {'.'.join(filter(None, [path, key]))!r}{hint} (valid keys: {valid})"
-            )
+            raise ConfigError(f"{source}: unknown key {'.'.join(filter(None, [path, key]))!r}{hint} "
+                              f"(valid keys: {valid})")
     kwargs = {}
     for name, f in fields.items():
         sub = ".".join(filter(None, [path, name]))
@@ -297,7 +293,8 @@ def _from_dict(cls: type, data: dict, path: str, source: str):
 
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not _is_internal(f)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not _is_internal(f)
+                and not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -315,15 +312,15 @@ def _validate(cfg: ExperimentConfig) -> None:
             if name not in d.channels:
                 close = difflib.get_close_matches(name, list(d.channels), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    f"{src}: data.{key}[{i}] names channel {name!r}, which is not in data.channels "
-                    f"({', '.join(d.channels)}){hint}"
-                )
+                raise ConfigError(f"{src}: data.{key}[{i}] names channel {name!r}, which is not in data.channels "
+                                  f"({', '.join(d.channels)}){hint}")
     for name, ch in d.channels.items():
         if isinstance(ch.planes, str) and ch.planes != "all":
             raise ConfigError(f"{src}: data.channels.{name}.planes must be \"all\" or a list of z indices")
         if isinstance(ch.planes, list) and (not ch.planes or any(p < 0 for p in ch.planes)):
             raise ConfigError(f"{src}: data.channels.{name}.planes must be a non-empty list of indices >= 0")
+        if ch.time < 0 or (isinstance(ch.channel, int) and ch.channel < 0):
+            raise ConfigError(f"{src}: data.channels.{name}: time and a channel index must be >= 0")
     s = d.split
     modes = [m for m in ("csv", "fractions", "spatial") if getattr(s, m) is not None]
     if len(modes) != 1:
@@ -399,14 +396,17 @@ def from_dict(data: dict, base_dir: Union[str, Path] = ".", source: str = "<dict
               overrides: Optional[dict] = None) -> ExperimentConfig:
     """Build a validated config from a dict. ``overrides`` maps dotted keys to values (CLI ``--set``)."""
     data = json.loads(json.dumps(data))  # deep copy, JSON types only
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
+    for dotted, value in (overrides or {}).items():
+        node, *parents, last = [data, *dotted.split(".")]
+        for i, p in enumerate(parents):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                at = ".".join(parents[:i + 1])
+                raise ConfigError(f"--set {dotted}: {at} is {json.dumps(node)[:40]} in {source}, not an object; "
+                                  f"set {at} as a whole, e.g. --set '{at}={{\"{last}\": ...}}'")
+        node[last] = value
     cfg = _from_dict(ExperimentConfig, data, "", source)
     cfg.base_dir = str(Path(base_dir).resolve())
     cfg.source = source

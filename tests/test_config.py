@@ -74,6 +74,28 @@ def test_split_and_pipeline_validation(tmp_path):
         from_dict(d, tmp_path, "x.json")
 
 
+def test_set_through_null_or_scalar_and_non_object_top_level_are_one_line_errors(tmp_path):
+    from islkeras.config import parse_set_option
+
+    d = _demo(tmp_path)
+    d["training"]["early_stopping"] = None
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as e:
+        load_config(f, overrides=parse_set_option(["training.early_stopping.patience=5"]))
+    assert str(e.value) == (f"--set training.early_stopping.patience: training.early_stopping is null in {f}, not an "
+                            "object; set training.early_stopping as a whole, e.g. --set "
+                            "'training.early_stopping={\"patience\": ...}'")
+    with pytest.raises(ConfigError, match=r"^--set data.root.x: data.root is \"\.\./demo/data\" in .*, not an object"):
+        load_config(f, overrides={"data.root.x": 1})
+    # the whole object works, and re-enables early stopping
+    cfg = load_config(f, overrides=parse_set_option(['training.early_stopping={"patience": 5}']))
+    assert cfg.training.early_stopping.patience == 5 and cfg.training.early_stopping.monitor == "val_pcc"
+    f.write_text(json.dumps([d]))
+    with pytest.raises(ConfigError, match=f"^{f}: the top level must be a JSON object$"):
+        load_config(f, data_root=str(tmp_path))
+
+
 def test_missing_weights_file_fails_at_load(tmp_path):
     d = _demo(tmp_path)
     d["model"] = {"architecture": "unet_sm", "encoder_weights": "nowhere/densenet.h5"}
@@ -118,3 +140,27 @@ def test_import_selects_legacy_keras():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["1", "tf.keras", "tf_keras.api._v2.keras"]
+
+
+def test_config_channel_and_time_keys(tmp_path):
+    base = {"name": "c", "data": {"root": "d", "inputs": ["bf"], "targets": ["bf"],
+                                  "channels": {"bf": {"file": "{field}.czi", "channel": "TL", "time": 2}}}}
+    cfg = from_dict(base, tmp_path, "c.json")
+    assert (cfg.data.channels["bf"].channel, cfg.data.channels["bf"].time) == ("TL", 2)
+    assert cfg.to_dict()["data"]["channels"]["bf"] == {"file": "{field}.czi", "planes": "all", "projection": "none",
+                                                       "channel": "TL", "time": 2}
+    base["data"]["channels"]["bf"] = {"file": "x.tif", "channel": 1}
+    assert from_dict(base, tmp_path, "c.json").data.channels["bf"].channel == 1
+    # unset keys are left out of the saved config, so configs written before them keep their hashes
+    base["data"]["channels"]["bf"] = {"file": "x.tif"}
+    assert from_dict(base, tmp_path, "c.json").to_dict()["data"]["channels"]["bf"] == {
+        "file": "x.tif", "planes": "all", "projection": "none"}
+    for bad, match in (({"chanel": "TL"}, r"unknown key 'data.channels.bf.chanel'; did you mean "
+                                          r"'data.channels.bf.channel'"),
+                       ({"time": -1}, r"data.channels.bf: time and a channel index must be >= 0"),
+                       ({"channel": -2}, r"data.channels.bf: time and a channel index must be >= 0"),
+                       ({"channel": ["a"]}, r"data.channels.bf.channel: expected str or int or null"),
+                       ({"time": "1"}, r"data.channels.bf.time: expected an integer")):
+        base["data"]["channels"]["bf"] = dict({"file": "x.tif"}, **bad)
+        with pytest.raises(ConfigError, match=match):
+            from_dict(base, tmp_path, "c.json")

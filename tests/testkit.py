@@ -80,3 +80,27 @@ def make_run(run_dir, data_root, savedmodel_src=None, arch="unet", loss="l1", hi
             f"{e},{1 / (e + 1):.4f},{1.2 / (e + 1):.4f},{0.5 + e * 0.05:.3f},0.1,0.001" for e in range(5)]
         (run_dir / "history.csv").write_text("\n".join(rows) + "\n")
     return run_dir
+
+
+def write_ome_tiff(path, data, channels, pixel_size_um=None):
+    """``data`` (T, C, Z, Y, X) as an OME-TIFF (tifffile) with channel names and a (y, x) pixel size in um."""
+    import tifffile
+
+    md = {"axes": "TCZYX", "Channel": {"Name": list(channels)}}
+    if pixel_size_um is not None:
+        md.update(PhysicalSizeY=pixel_size_um[0], PhysicalSizeX=pixel_size_um[1])
+    tifffile.imwrite(path, data, ome=True, metadata=md)
+    return path
+
+
+def write_ome_zarr(path, data, channels, pixel_size=None, unit="micrometer"):
+    """``data`` (T, C, Z, Y, X) as an OME-Zarr folder (bioio-ome-zarr's writer, NGFF 0.5); pixel size (y, x)."""
+    from bioio_ome_zarr.writers import Channel, OMEZarrWriter
+
+    y, x = pixel_size if pixel_size is not None else (1.0, 1.0)
+    w = OMEZarrWriter(str(path), level_shapes=data.shape, dtype=data.dtype,
+                      channels=[Channel(label=n, color="FFFFFF") for n in channels],
+                      physical_pixel_size=[1.0, 1.0, 1.0, y, x] if pixel_size is not None else None,
+                      axes_units=[None, None, unit, unit, unit] if pixel_size is not None else None)
+    w.write_full_volume(data)
+    return path

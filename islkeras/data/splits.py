@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from islkeras.data.manifest import split_rank
+from islkeras.data.manifest import SPLIT_ORDER, split_rank
 from islkeras.errors import DataError
 
 
@@ -24,8 +24,9 @@ class Record:
     region: Optional[list]  # [y0, y1, x0, x1] or None = whole field
 
 
-def _csv_column(cfg, column: str) -> tuple[dict[str, str], Path, str]:
-    """``{field id: value}`` of one column of the split CSV (``data.split.csv``), its path and id column."""
+def _csv_column(cfg, column: str, rows: Optional[dict] = None) -> tuple[dict[str, str], Path, str]:
+    """``{field id: value}`` of one column of the split CSV (``data.split.csv``), its path and id column;
+    ``rows`` (if given) receives ``{field id: line number}``. A row with cells but no field id is an error."""
     s = cfg.data.split
     if s.csv is None:
         raise DataError(f"column {column!r} of the split CSV was asked for, but data.split.csv is not set")
@@ -45,6 +46,10 @@ def _csv_column(cfg, column: str) -> tuple[dict[str, str], Path, str]:
             fid = (row[id_col] or "").strip()
             if fid:
                 table[fid] = (row[column] or "").strip()
+                if rows is not None:
+                    rows[fid] = reader.line_num
+            elif any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                raise DataError(f"{path} line {reader.line_num}: no field name in column {id_col!r}")
     return table, path, id_col
 
 
@@ -69,7 +74,8 @@ def assign_splits(cfg, names: list[str]) -> dict[str, str]:
         return {n: "spatial" for n in names}
     if s.csv is not None:
         column = s.csv.rsplit(":", 1)[1]
-        table, path, id_col = _csv_column(cfg, column)
+        rows: dict[str, int] = {}
+        table, path, id_col = _csv_column(cfg, column, rows)
         missing = [n for n in names if n not in table]
         if missing:
             raise DataError(f"{path}: no row for field(s) {', '.join(missing[:5])} (column {id_col!r})")
@@ -81,10 +87,12 @@ def assign_splits(cfg, names: list[str]) -> dict[str, str]:
                 f"{path} lists field(s) {', '.join(absent[:5])} but {cfg.data.root} has no such folder "
                 f"(missing field folder?)"
             )
-        out = {n: table[n] for n in names if table[n]}
-        if not out:
-            raise DataError(f"{path}: column {column!r} is empty for every field")
-        return out
+        for n in names:  # a typo ("valid") or an empty cell must not move a field or drop it silently
+            if table[n] not in SPLIT_ORDER:
+                got = f"split {table[n]!r}" if table[n] else "an empty split cell"
+                raise DataError(f"{path} line {rows[n]} (field {n}): {got} in column {column!r}; expected one of "
+                                f"{', '.join(SPLIT_ORDER)} (leave a field out with data.fields)")
+        return {n: table[n] for n in names}
     fr = {k: v for k, v in (s.fractions or {}).items()}
     order = sorted(fr, key=split_rank)
     rng = np.random.default_rng(s.seed)

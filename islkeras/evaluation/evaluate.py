@@ -29,10 +29,15 @@ empty, above_fraction       empty = fewer than ``pipeline.empty_fraction`` of th
 mask_jaccard                Jaccard of nucleus masks from prediction vs target
                             (``islkeras.segmentation.metrics.mask_jaccard_from_fluorescence``), NaN when disabled
                             or unavailable
+finite                      False when the prediction has a NaN or infinite pixel (a diverged model): its
+                            metrics are NaN, not scores
 ==========================  ===========================================================================
 
 ``summary.json``: mean/std/median per metric and channel, over all images and separately for empty and
-non-empty ones (``islkeras.evaluation.metrics.summarize``). ``figures/``: ``pcc_distribution.png``,
+non-empty ones (``islkeras.evaluation.metrics.summarize``; NaN values are left out and counted by
+``n_finite``), ``non_finite_predictions`` (images whose prediction is not finite; a warning is printed too)
+and ``training`` (epochs and steps the run trained, its step budget and why it stopped, from the run's
+``summary.json``). ``figures/``: ``pcc_distribution.png``,
 ``learning_curves.png`` (from ``history.csv``), ``panels.png`` (input | target | prediction | |error|).
 Everything goes to ``RUN_DIR/evaluate/<split>/`` (or ``--out``).
 """
@@ -188,7 +193,8 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
                 z.pop("pcc_z")
                 row.update(z)
                 row.update(empty=above < empty_fraction, above_fraction=above, threshold=thr)
-                row["mask_jaccard"] = _safe_jaccard(jaccard, p, tgt)
+                row["finite"] = bool(np.isfinite(p).all())
+                row["mask_jaccard"] = _safe_jaccard(jaccard, p, tgt) if row["finite"] else float("nan")
                 rows.append(row)
             if len(panels) < n_panels:
                 panels.append({"name": image_id, "input": x[y0:y0 + ih, x0:x0 + iw, 0],
@@ -237,6 +243,8 @@ def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=Tr
         "n_fields": int(df["field"].nunique()) if len(df) else 0,
         "n_images": int(df["image"].nunique()) if len(df) else 0,
         "empty_fraction": cfg.pipeline.empty_fraction,
+        "non_finite_predictions": n_non_finite(df),
+        "training": training_record(run),
         "scales": {
             "original": "pcc, ssim, psnr, nrmse: target's intensity scale; data range = target dtype range "
                         "(float targets: their max - min)",
@@ -255,11 +263,29 @@ def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=Tr
     return out
 
 
+def n_non_finite(df) -> int:
+    """Images (fields or crops) whose prediction has a NaN or infinite pixel in some channel."""
+    return int(df.loc[~df["finite"].astype(bool), "image"].nunique()) if len(df) and "finite" in df else 0
+
+
+def training_record(run: Path) -> dict:
+    """What the run trained (from its ``summary.json``): epochs, steps, step budget, why it stopped."""
+    from islkeras.training.run import read_summary
+
+    s = read_summary(run) or {}
+    return {k: s.get(k) for k in ("epochs", "steps", "steps_budget", "stopped", "max_minutes")}
+
+
 def summary_lines(df) -> list[str]:
-    """One human line per channel: PCC mean +- std (n), non-empty and empty."""
+    """One human line per channel: PCC mean +- std (n), non-empty and empty; a warning first when some
+    predictions are not finite."""
     from islkeras.evaluation import metrics as M
 
     out = []
+    bad = n_non_finite(df)
+    if bad:
+        out.append(f"WARNING: {bad} of {df['image'].nunique()} prediction(s) contain NaN or infinite values "
+                   f"(diverged model?); their metrics are NaN and left out of the means")
     for ch, sub in df.groupby("channel", sort=False):
         a = M.summary_stats(sub["pcc"])
         ne = M.summary_stats(sub.loc[~sub["empty"].astype(bool), "pcc"])

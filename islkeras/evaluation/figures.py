@@ -37,7 +37,8 @@ def plot_pcc_distribution(df, path, title: Optional[str] = None, column: str = "
                            label="empty" if i == 0 else None)
         ax.legend(loc="lower left", fontsize=8)
     ax.set_ylabel("PCC (per image)")
-    ax.set_ylim(min(-0.05, float(np.nanmin(df[column])) - 0.05) if len(df) else -0.05, 1.02)
+    finite = df[column].to_numpy(float)[np.isfinite(df[column].to_numpy(float))] if len(df) else np.zeros(0)
+    ax.set_ylim(min(-0.05, float(finite.min()) - 0.05) if finite.size else -0.05, 1.02)  # NaN: a diverged model
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title or "PCC distribution", fontsize=10)
     return save_figure(fig, path)

@@ -8,7 +8,9 @@ Definitions (``true`` = the measured target image, ``pred`` = the prediction, sa
   It is invariant to any positive affine change of either image, so it is the same on the original and
   on the z-scored scale. **A constant image (all pixels equal) in either argument gives PCC 0** -- there
   is no linear relationship to measure -- so summaries never contain NaN (a perfect prediction of a
-  constant image therefore also scores 0; such images are flagged *empty* by ``evaluate``).
+  constant image therefore also scores 0; such images are flagged *empty* by ``evaluate``). A prediction
+  (or target) with a NaN or infinite pixel gives **NaN**, never a score: a diverged model must not look
+  like an uncorrelated one (``evaluate`` counts such images in its summary).
 * **SSIM**: ``skimage.metrics.structural_similarity(true, pred, data_range=R)`` with scikit-image's
   defaults (7 x 7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance), mean over the image.
 * **PSNR**: ``skimage.metrics.peak_signal_noise_ratio(true, pred, data_range=R)`` =
@@ -49,10 +51,13 @@ def _pair(pred, true, what: str):
 
 
 def pcc(pred: np.ndarray, true: np.ndarray) -> float:
-    """Pearson correlation of all pixels of one image (any shape; flattened). Constant image -> 0.0."""
+    """Pearson correlation of all pixels of one image (any shape; flattened). Constant image -> 0.0;
+    a non-finite pixel -> NaN."""
     p, t = _pair(pred, true, "pcc")
     p = p.astype(np.float64, copy=False).ravel()
     t = t.astype(np.float64, copy=False).ravel()
+    if not (np.isfinite(p).all() and np.isfinite(t).all()):
+        return float("nan")
     if p.max() == p.min() or t.max() == t.min():
         return 0.0
     pc = p - p.mean()

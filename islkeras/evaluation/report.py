@@ -4,11 +4,12 @@ For every RUN_DIR and split the per-image table ``RUN_DIR/evaluate/<split>/metri
 ``islkeras evaluate`` is read (and computed first, whole fields, when missing and ``--evaluate-missing``).
 Outputs in ``--out`` (default ``./report``):
 
-* ``report.csv``: one row per run and channel -- run, name, architecture, loss, channel, and per split
+* ``report.csv``: one row per run and channel -- run, name, architecture, loss, ``steps`` (training steps run,
+  from the run's ``summary.json``), ``steps_budget``, ``stopped`` (why training ended), channel, and per split
   ``pcc_mean_<split>``, ``pcc_std_<split>``, ``pcc_median_<split>``, ``n_<split>`` (images),
   ``pcc_nonempty_mean_<split>``, ``pcc_nonempty_std_<split>``, ``mode_<split>`` (whole fields or crops);
-* ``report.md``: the same as a Markdown table with ``PCC mean +- std`` per split (like the thesis's
-  Table 2 / Figure 17);
+* ``report.md``: the same as a Markdown table with the steps and ``PCC mean +- std`` per split (like the
+  thesis's Table 2 / Figure 17);
 * ``pcc_boxplot.png``: PCC per image of every run, channel and split.
 
 Figures come from :mod:`islkeras.evaluation.figures`.
@@ -43,7 +44,7 @@ def build_report(run_dirs: Sequence[Union[str, Path]], splits: Sequence[str] = (
 
     from islkeras.evaluation import metrics as M
     from islkeras.evaluation.evaluate import EVAL_DIR, evaluate_run
-    from islkeras.training.run import run_config_of
+    from islkeras.training.run import read_summary, run_config_of
 
     rows, groups = [], {}
     for rd in run_dirs:
@@ -81,9 +82,12 @@ def build_report(run_dirs: Sequence[Union[str, Path]], splits: Sequence[str] = (
         if not per_channel:
             raise UserError(f"{run}: no evaluation for split(s) {', '.join(splits)} (run `islkeras evaluate "
                             f"{run} --split SPLIT` or drop --no-evaluate-missing)")
+        trained = read_summary(run) or {}
         for ch, vals in per_channel.items():
             rows.append({"run": label, "run_dir": str(run), "name": cfg.name, "architecture": architecture_label(cfg),
-                         "loss": cfg.loss.kind, "channel": ch, **vals})
+                         "loss": cfg.loss.kind, "steps": trained.get("steps"),
+                         "steps_budget": trained.get("steps_budget"), "stopped": trained.get("stopped"),
+                         "channel": ch, **vals})
     table = pd.DataFrame(rows)
     for split in splits:  # same columns for every run, even where a split is missing
         for k in ("pcc_mean", "pcc_std", "pcc_median", "n", "pcc_nonempty_mean", "pcc_nonempty_std", "mode"):
@@ -92,15 +96,27 @@ def build_report(run_dirs: Sequence[Union[str, Path]], splits: Sequence[str] = (
     return table, groups
 
 
+def _num(v):
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+
+def steps_cell(r) -> str:
+    """``1680``; ``1000 of 1680 (max_minutes)`` when training stopped before its step budget; n/a unknown."""
+    steps, budget, stopped = _num(r.get("steps")), _num(r.get("steps_budget")), r.get("stopped")
+    if steps is None:
+        return "n/a"
+    if budget is None or int(budget) == int(steps):
+        return str(int(steps))
+    return f"{int(steps)} of {int(budget)} ({stopped})"
+
+
 def to_markdown(table, splits: Sequence[str]) -> str:
-    head = ["run", "architecture", "loss", "channel"] + [f"PCC {s} (mean ± std)" for s in splits] + \
+    head = ["run", "architecture", "loss", "steps", "channel"] + [f"PCC {s} (mean ± std)" for s in splits] + \
         [f"n {s}" for s in splits]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for _, r in table.iterrows():
-        def num(v):
-            return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
-
-        cells = [str(r["run"]), str(r["architecture"]), str(r["loss"]), str(r["channel"])]
+        num = _num
+        cells = [str(r["run"]), str(r["architecture"]), str(r["loss"]), steps_cell(r), str(r["channel"])]
         cells += [_fmt(num(r[f"pcc_mean_{s}"]), num(r[f"pcc_std_{s}"])) for s in splits]
         cells += ["" if num(r[f"n_{s}"]) is None else str(int(r[f"n_{s}"])) for s in splits]
         lines.append("| " + " | ".join(cells) + " |")

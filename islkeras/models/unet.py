@@ -59,12 +59,50 @@ def _sm_unet(tf, backbone: str, n_inputs: int, n_outputs: int, activation: str,
     return tf.keras.Model(inp, y, name=f"unet_{backbone}")
 
 
-def _load_encoder_file(net, path: str, backbone: str) -> None:
-    """Load a local weights file: Keras' ImageNet notop .h5 for the backbone, or a full U-Net's weights."""
+#: layer-name prefixes of segmentation-models' U-Net decoder (everything else with weights is the encoder)
+DECODER_PREFIXES = ("decoder_", "center_block", "final_conv")
+
+
+def encoder_layers(net) -> list:
+    """The encoder's (backbone's) layers with weights of a segmentation-models U-Net."""
+    return [lay for lay in net.layers if lay.weights and not lay.name.startswith(DECODER_PREFIXES)]
+
+
+def _h5_weight_shapes(path: str) -> dict:
+    """``{layer name: [weight shapes]}`` of a Keras .h5 weights (or whole-model) file."""
+    import h5py
+
+    def txt(v):
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    with h5py.File(path, "r") as f:
+        g = f["model_weights"] if "model_weights" in f else f
+        return {txt(n): [tuple(g[txt(n)][txt(w)].shape) for w in g[txt(n)].attrs.get("weight_names", [])]
+                for n in g.attrs.get("layer_names", [])}
+
+
+def _load_encoder_file(net, path: str, backbone: str) -> int:
+    """Load a local weights file (Keras' ImageNet notop .h5 for the backbone, or a full U-Net's weights) by
+    layer name; returns the number of encoder layers it holds (same name, same weight shapes: what Keras
+    loads). None is an error, some a loud warning: a file of another network would otherwise leave the
+    encoder random without a word."""
+    enc = encoder_layers(net)
     try:
         net.load_weights(path, by_name=True, skip_mismatch=True)
+        shapes = _h5_weight_shapes(path)
     except Exception as e:
         raise UserError(f"model.encoder_weights: could not read {path} as weights for {backbone}: {e}") from None
+    loaded = sum(shapes.get(lay.name) == [tuple(w.shape) for w in lay.weights] for lay in enc)
+    what = f"{loaded} of the {len(enc)} {backbone} encoder layers with weights"
+    if loaded == 0:
+        raise UserError(f"model.encoder_weights: {path} holds no weights for the {backbone} encoder (matched by "
+                        f"layer name: {what}); use Keras' ImageNet 'notop' .h5 of {backbone} or a U-Net's weights")
+    if loaded < len(enc):
+        import click
+
+        click.echo(f"islkeras: warning: model.encoder_weights: {path} set only {what}; the other "
+                   f"{len(enc) - loaded} keep their random initialisation", err=True)
+    return loaded
 
 
 def _is_download_error(e: Exception) -> bool:

@@ -100,10 +100,11 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
 
         t1 = time.time()
         click.echo(f"== ISL pretraining: {isl_cfg.name} ({tr.pretrain}) -> {exp_dir / 'isl'}", err=True)
-        fit(isl_cfg, run_dir=exp_dir / "isl")
+        pre = fit(isl_cfg, run_dir=exp_dir / "isl")
         _clear_session()
         isl_path = str(exp_dir / "isl")
         timings["pretrain_minutes"] = round((time.time() - t1) / 60.0, 2)
+        timings["pretrain_steps"] = pre.get("steps")
     isl = resolve_isl(isl_path)
 
     base = copy.deepcopy(cfg)
@@ -129,7 +130,8 @@ def run_experiment(cfg, out_dir=None, isl_run_given: bool = False) -> Path:
                 "test_iou": s.get("test_iou"), "test_iou_std": s.get("test_iou_std"),
                 "start_test_iou": s.get("start_test_iou"), "kept_start": s.get("kept_start"),
                 "test_pixel_accuracy": s.get("test_pixel_accuracy"), "best_val_iou": s.get("best"),
-                "epochs": s.get("epochs"), "best_epoch": s.get("best_epoch"),
+                "epochs": s.get("epochs"), "steps": s.get("steps"), "steps_budget": s.get("steps_budget"),
+                "stopped": s.get("stopped"), "best_epoch": s.get("best_epoch"),
                 "minutes": s.get("minutes_total", round((time.time() - t1) / 60.0, 2)), "run": d.name,
             })
             mf = d / "metrics.csv"
@@ -157,19 +159,30 @@ def _fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _steps(r) -> str:
+    """Training steps of one run: ``800``, or ``600 of 800`` when it stopped early (``max_minutes``: the cap)."""
+    if not r or r.get("steps") is None:
+        return "n/a"
+    budget = r.get("steps_budget")
+    cap = " (cap)" if r.get("stopped") == "max_minutes" else ""
+    return str(r["steps"]) if budget in (None, r["steps"]) else f"{r['steps']} of {budget}{cap}"
+
+
 def markdown_table(rows: list[dict], references: Optional[dict] = None) -> str:
     """| train fields | scratch | ISL-initialised | gain | ISL + threshold only | stain + threshold | pixel acc. |
+    steps |
 
     (mean test IoU). "ISL + threshold only": the calibrated start, before segmentation training; "stain +
     threshold": the true nuclear stain thresholded at the level that fits the same annotated fields best
-    (``references``, by number of fields) -- what thresholding a perfect ISL prediction would give.
+    (``references``, by number of fields) -- what thresholding a perfect ISL prediction would give; steps:
+    the training steps each run actually ran (scratch / ISL).
     """
     references = references or {}
     ns = sorted({r["train_fields"] for r in rows})
     by = {(r["train_fields"], "scratch" if r["init"] == "scratch" else "isl"): r for r in rows}
     lines = ["| train fields | test IoU, scratch | test IoU, ISL-initialised | gain | ISL + threshold only "
-             "| true stain + threshold | pixel accuracy (scratch / ISL) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| true stain + threshold | pixel accuracy (scratch / ISL) | steps (scratch / ISL) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in ns:
         s, i = by.get((n, "scratch")), by.get((n, "isl"))
         si = s["test_iou"] if s else None
@@ -180,7 +193,7 @@ def markdown_table(rows: list[dict], references: Optional[dict] = None) -> str:
             start += " (kept)"
         pa = " / ".join(_fmt(r["test_pixel_accuracy"], 4) if r else "n/a" for r in (s, i))
         lines.append(f"| {n} | {_fmt(si)} | {_fmt(ii)} | {'n/a' if gain is None else f'{gain:+.3f}'} | {start} "
-                     f"| {_fmt(references.get(n))} | {pa} |")
+                     f"| {_fmt(references.get(n))} | {pa} | {_steps(s)} / {_steps(i)} |")
     return "\n".join(lines)
 
 
@@ -237,8 +250,10 @@ def write_results(exp_dir: Path, rows: list[dict], per_field: list[dict], summar
             md.append(f"| {k[0]} | {k[1]} | " + " | ".join(_fmt(vals.get(f)) for f in fields) + " |")
         md.append("")
     if summary:
+        steps = summary.get("pretrain_steps")
         md += [f"Wall time {summary['wall_minutes']:.1f} min (ISL pretraining "
-               f"{_fmt(summary.get('pretrain_minutes'), 1)} min, segmentation runs "
+               f"{_fmt(summary.get('pretrain_minutes'), 1)} min{'' if steps is None else f', {steps} steps'}, "
+               f"segmentation runs "
                f"{summary['segmentation_minutes']:.1f} min) on {summary['cpus']} CPUs; load average "
                f"(1/5/15 min) {summary['loadavg_start']} at the start, {summary['loadavg_end']} at the end.", ""]
     text = "\n".join(md)

@@ -83,6 +83,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -96,6 +97,7 @@ from islkeras.segmentation.isl_source import (NONE_WORDS, _flat_layers, adopt_is
                                               check_compatible, resolve_isl)
 
 METRICS_FILE = "metrics.csv"
+SEG_METRICS = ("loss", "iou", "pixel_acc")  #: what a segmentation run logs (``val_`` + each on validation)
 
 
 def _fmt_opt(v) -> str:
@@ -266,8 +268,10 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     from islkeras.training import cluster as C
     from islkeras.training import distribute as D
     from islkeras.training import run as R
-    from islkeras.training.fit import (_check_data, _precision, export_meta, get_strategy, keras_verbosity,
-                                       resolve_run_dir, training_callbacks)
+    from islkeras.training.control import finished_training
+    from islkeras.training.fit import (_check_data, _precision, check_monitor, clean_checkpoints, export_meta,
+                                       get_strategy, keras_verbosity, require_validation, resolve_run_dir,
+                                       training_callbacks)
     from islkeras.utils import atomic_write_json
 
     cfg = prepare_transfer_config(cfg)
@@ -280,6 +284,9 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
         click.echo(f"{run_dir} has already finished: {R.summary_line(R.read_summary(run_dir))}", err=True)
         return Path(run_dir)
     isl = resolve_isl(tr.isl_run)  # fails here, before any data is read, on a bad SavedModel
+    es = t.early_stopping
+    # a pcc monitor of an ISL config is read as val_iou; a typo fails before any data is read
+    monitor = check_monitor(cfg, es.monitor if es and "pcc" not in es.monitor else "val_iou", SEG_METRICS, True)
     _check_data(cfg)
     manifest = ensure_records(cfg)
     mask = tr.mask_channel
@@ -293,13 +300,15 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
         check_compatible(cfg, isl, n_in)
         notes = adopt_isl_settings(cfg, isl)
     keep = train_subset(manifest, tr.train_fields)
-    has_val = any(f.get("split") == "val" for f in manifest["fields"].values())
+    has_val = require_validation(cfg, manifest)
+    monitor = check_monitor(cfg, monitor, SEG_METRICS, has_val)
 
     run_dir, resuming = resolve_run_dir(cfg, run_dir, None)
     chief = C.is_chief(strategy)
     run_dir = C.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
     save_dir = C.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
     save_dir.mkdir(parents=True, exist_ok=True)
+    done = finished_training(save_dir / "ckpt" / "state.json")  # killed during the export: export only
     seg_cfg = copy.deepcopy(cfg)
     seg_cfg.data.targets = [mask]
     meta = export_meta(seg_cfg, manifest)
@@ -319,7 +328,10 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
                           jit_compile=t.jit_compile)
             model.optimizer.build(model.trainable_variables)
         info = model.transfer_info
-        if isl is not None and tr.init == "all_calibrated":
+        if done:  # the calibration and the start's scores are in transfer.json
+            info = json.loads((run_dir / "transfer.json").read_text()) if (run_dir / "transfer.json").is_file() \
+                else info
+        elif isl is not None and tr.init == "all_calibrated":
             from islkeras.data.reader import load_fields
 
             fields = [f for f in load_fields(cfg, "train", manifest=manifest,
@@ -342,35 +354,40 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
             make_dataset(cfg, "val", training=False, manifest=manifest, targets=[mask],
                          batch_size=strategy.num_replicas_in_sync),  # one image per replica
             strategy, len(shard_paths(cfg, manifest, "val")), training=False) if has_val else None
-        if chief:
+        if chief and not done:
             R.save_run_config(cfg, run_dir)
             atomic_write_json(run_dir / "transfer.json", {**info, "train_fields": keep, "notes": notes})
-        es = t.early_stopping
-        monitor = es.monitor if es and "pcc" not in es.monitor else "val_iou"
-        if val_ds is None and monitor.startswith("val_"):
-            monitor = monitor[4:]
         ckpt = run_dir / "ckpt"
-        # as in `islkeras fit` (frozen BatchNorm: the re-estimation is a no-op)
-        control, callbacks = training_callbacks(t, model, run_dir, save_dir, monitor, start, strategy, chief,
-                                                train_ds)
         verbose = keras_verbosity(verbose)
         src = f"ISL {isl.savedmodel} ({info['init']}: {len(info['copied'])} layers copied)" if isl else "scratch"
         click.echo(f"islkeras transfer: {cfg.name} from {src}, {len(keep)} train field(s) -> {run_dir}"
-                   + "".join(f"\n  note: {n}" for n in notes), err=True)
-        model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
-                  callbacks=callbacks, verbose=verbose)
-        kept_start = False
+                   + (" (training done: exporting)" if done else "") + "".join(f"\n  note: {n}" for n in notes),
+                   err=True)
         st = info.get("start") or {}
-        best = control.summary.get("best")
-        if st.get("val_iou") is not None and control.summary.get("monitor") == "val_iou" and \
-                (best is None or st["val_iou"] > best):
-            # no epoch beat the calibrated start on the validation fields: the start is the best model
-            model.set_weights(start_weights)
-            kept_start = True
-            click.echo(f"  kept the calibrated start: val IoU {st['val_iou']:.3f} > best epoch's "
-                       f"{_fmt_opt(best)}", err=True)
+        if done:
+            model.load_weights(str(done[1]))
+            outcome = done[0]
+            kept_start = bool(outcome.pop("kept_start", False))
+        else:
+            # as in `islkeras fit` (frozen BatchNorm: the re-estimation is a no-op)
+            control, callbacks = training_callbacks(t, model, run_dir, save_dir, monitor, start, strategy, chief,
+                                                    train_ds)
+            model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
+                      callbacks=callbacks, verbose=verbose)
+            kept_start = False
+            best = control.summary.get("best")
+            if st.get("val_iou") is not None and control.summary.get("monitor") == "val_iou" and \
+                    (best is None or st["val_iou"] > best):
+                # no epoch beat the calibrated start on the validation fields: the start is the best model
+                model.set_weights(start_weights)
+                kept_start = True
+                control.finish(None, kept_start=True)  # a resume exports the start too
+                control.summary.pop("kept_start")
+                click.echo(f"  kept the calibrated start: val IoU {st['val_iou']:.3f} > best epoch's "
+                           f"{_fmt_opt(best)}", err=True)
+            outcome = control.summary
 
-    summary = dict(control.summary, name=cfg.name, kind="segmentation", run_dir=str(run_dir),
+    summary = dict(outcome, name=cfg.name, kind="segmentation", run_dir=str(run_dir),
                    config_hash=cfg.hash(), isl_run=tr.isl_run, init=meta["init"], train_fields=len(keep),
                    train_minutes=round((time.time() - start) / 60.0, 2))
     if st:
@@ -379,8 +396,6 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
     C.release_worker_dir(save_dir, chief)
     if chief:
         summary["savedmodel"] = str(out)
-        with __import__("contextlib").suppress(FileNotFoundError):
-            (ckpt / "best_weights.h5").unlink()
         if evaluate and any(f["split"] == "test" for f in manifest["fields"].values()):
             rows = evaluate_segmentation(out, cfg, "test", manifest=manifest)
             write_metrics_csv(rows, run_dir / METRICS_FILE)
@@ -390,6 +405,7 @@ def run_transfer(cfg, run_dir=None, verbose: Optional[int] = None, evaluate: boo
                            test_fields=len(rows))
         summary["minutes_total"] = round((time.time() - start) / 60.0, 2)
         atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+        clean_checkpoints(ckpt)
         line = R.summary_line(summary)
         if "test_iou" in summary:
             line += f"; test IoU {summary['test_iou']:.3f} (pixel accuracy {summary['test_pixel_accuracy']:.4f})"

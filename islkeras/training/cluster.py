@@ -1,5 +1,5 @@
 """The cluster of a multi-worker training: ``TF_CONFIG`` parsed and checked, which process is the chief,
-and what chief and workers agree on (run folder, stopping, learning rates) through collectives.
+and what chief and workers agree on (run folder, stopping) through collectives.
 
 Chief and workers (``is_chief``, ``agree_run_dir``, ``worker_dir``, ``sync_callbacks``)
     The chief (``TF_CONFIG`` task type ``chief``, or worker 0 when the cluster has no chief; any process
@@ -166,20 +166,22 @@ def agree_run_dir(strategy, run_dir: Path, chief: bool) -> Path:
     return Path(broadcast_text(strategy, str(run_dir), chief))
 
 
-def worker_dir(run_dir: Path, chief: bool, carry: Sequence[str] = ("ckpt/state.json", "ckpt/best_weights.h5")
-               ) -> Path:
+def worker_dir(run_dir: Path, chief: bool,
+               carry: Sequence[str] = ("ckpt/state.json", "ckpt/best_weights*.h5", "ckpt/final_weights.h5")) -> Path:
     """Where this process saves: the run folder on the chief; on the other workers a new temporary folder
     (removed by ``release_worker_dir``, or at exit) that starts with copies of the chief's ``carry`` files
-    -- the training state of a resumed run -- so early stopping and the best weights follow the chief's."""
+    (glob patterns) -- the training state of a resumed run -- so early stopping, the best weights and a
+    finished training (``islkeras.training.control``) follow the chief's."""
     if chief:
         return Path(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix="islkeras-worker-"))
     atexit.register(shutil.rmtree, str(tmp), True)
-    for rel in carry:
-        src = Path(run_dir) / rel
-        if src.is_file():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp / rel)
+    for pattern in carry:
+        for src in Path(run_dir).glob(pattern):
+            if src.is_file():
+                dst = tmp / src.relative_to(run_dir)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
     return tmp
 
 
@@ -193,9 +195,8 @@ def sync_callbacks(strategy, control=None) -> list:
     """A Keras callback keeping workers in step where their decisions could differ (multi-worker only):
 
     * after every epoch, training stops on every worker when it stops on one (``max_minutes`` is measured
-      by each worker's own clock, and a worker that stopped alone would leave the others waiting);
-    * with ``control.lr_schedule == "cosine"`` and a time budget, the chief's learning rates are used by
-      every worker before each step (the schedule reads the wall clock too).
+      by each worker's own clock, and a worker that stopped alone would leave the others waiting). The
+      learning-rate schedules depend on steps and (all-reduced) validation metrics only, so they agree.
 
     Put it right after ``TrainingControl`` (``control``) in the callback list: ``[callback]``, or ``[]``
     without multi-worker training."""
@@ -203,23 +204,7 @@ def sync_callbacks(strategy, control=None) -> list:
         return []
     import tensorflow as tf
 
-    chief = is_chief(strategy)
-
     class SyncWorkers(tf.keras.callbacks.Callback):
-        def _opts(self):
-            opts = [self.model.optimizer, getattr(self.model, "d_optimizer", None)]
-            return [o for o in opts if o is not None]
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if control is None or control.lr_schedule != "cosine" or not control.max_seconds:
-                return
-            opts = self._opts()
-            lrs = tf.constant([float(tf.keras.backend.get_value(o.learning_rate)) if chief else 0.0
-                               for o in opts], tf.float32)
-            agreed = _allreduce_sum(strategy, lrs).numpy()
-            for o, v in zip(opts, agreed):
-                o.learning_rate.assign(float(v))
-
         def on_epoch_end(self, epoch, logs=None):
             stop = any_worker(strategy, bool(self.model.stop_training))
             if stop and not self.model.stop_training and control is not None:

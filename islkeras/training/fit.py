@@ -7,13 +7,18 @@ Training modes (``loss.kind``):
 * ``perceptual``: ``islkeras.training.perceptual.PerceptualModel`` (frozen VGG19 features).
 
 Validation PCC (per image, then mean/std: ``val_pcc``, ``val_pcc_std``) is computed every epoch; the
-best generator (``training.early_stopping.monitor``) is exported to ``<run>/savedmodel`` with a
-``serving_default`` signature that takes raw images. ``--resume`` continues an interrupted run from its
-last finished epoch. TensorFlow is imported inside the functions so ``islkeras --help`` stays fast.
+best generator (``training.early_stopping.monitor``, checked against what the run logs) is exported to
+``<run>/savedmodel`` with a ``serving_default`` signature that takes raw images. Records without val fields
+are an error unless ``training.validation`` is false (the best epoch is then chosen on training metrics).
+``--resume`` continues an interrupted run from its last finished epoch; a run killed after training (during
+the export) is exported without training again. The budget is ``training.epochs * steps_per_epoch`` steps;
+``summary.json`` records the steps run (``training.max_minutes`` is a safety cap, reported when it bites).
+TensorFlow is imported inside the functions so ``islkeras --help`` stays fast.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import shutil
 import sys
@@ -130,6 +135,55 @@ def _check_data(cfg) -> None:
                         f"holding your field folders, or pass --data-root")
 
 
+def logged_metrics(cfg) -> list[str]:
+    """The training metrics ``islkeras fit`` logs for ``cfg.loss.kind`` (``val_`` + each on validation)."""
+    kind = cfg.loss.kind
+    if kind == "pix2pix":
+        from islkeras.training.pix2pix import Pix2Pix
+
+        losses = list(Pix2Pix.LOSS_NAMES)
+    elif kind == "perceptual":
+        from islkeras.training.perceptual import PerceptualModel
+
+        losses = list(PerceptualModel.loss_names(cfg.loss.style_weight))
+    else:
+        losses = ["loss"]
+    return losses + ["pcc", "pcc_std"]
+
+
+def check_monitor(cfg, monitor: str, logged, has_val: bool) -> str:
+    """``monitor`` if the run logs it (``val_<metric>`` or ``<metric>``), without ``val_`` when there is no
+    validation; ConfigError naming the key otherwise (a typo would otherwise never improve)."""
+    allowed = [f"val_{n}" for n in logged] + list(logged)
+    if monitor not in allowed:
+        close = difflib.get_close_matches(monitor, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{cfg.source}: training.early_stopping.monitor {monitor!r} is not logged by this run "
+                          f"(loss.kind {cfg.loss.kind!r}); use one of {', '.join(allowed)}{hint}")
+    return monitor[4:] if not has_val and monitor.startswith("val_") else monitor
+
+
+def require_validation(cfg, manifest) -> bool:
+    """Whether the run validates: the records' val fields, unless ``training.validation`` is false. No val
+    fields is a DataError, since the best epoch would silently be chosen on the training data."""
+    has_val = manifest.get("counts", {}).get("val", 0) > 0 or any(
+        f.get("split") == "val" for f in manifest.get("fields", {}).values())
+    if not cfg.training.validation:
+        return False
+    if not has_val:
+        raise DataError(f"the records in {cfg.data.records} have no val fields (data.split of {cfg.source}), so the "
+                        f"best epoch would be chosen on training data; add val fields, or set "
+                        f"training.validation: false to train without validation")
+    return True
+
+
+def clean_checkpoints(ckpt: Path) -> None:
+    """After the export: the BackupAndRestore backup and the weights files go (``state.json`` stays)."""
+    shutil.rmtree(ckpt / "backup", ignore_errors=True)
+    for p in [*ckpt.glob("best_weights*.h5"), ckpt / "final_weights.h5"]:
+        p.unlink(missing_ok=True)
+
+
 def resolve_run_dir(cfg, run_dir=None, resume=None) -> tuple[Path, bool]:
     """(run folder, resuming?) from ``--run-dir`` / ``--resume [RUN_DIR]``."""
     from islkeras.training import run as R
@@ -173,6 +227,7 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     from islkeras.models.savedmodel import export_savedmodel
     from islkeras.training import cluster as C
     from islkeras.training import distribute as D
+    from islkeras.training.control import finished_training
     from islkeras.utils import atomic_write_json
 
     t = cfg.training
@@ -183,11 +238,13 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     chief = C.is_chief(strategy)
     run_dir = C.agree_run_dir(strategy, run_dir, chief)  # every worker uses the chief's run folder
     save_dir = C.worker_dir(run_dir, chief)  # the run folder, or a worker's temporary folder
+    es = t.early_stopping
+    logged = logged_metrics(cfg)
+    check_monitor(cfg, es.monitor if es else "val_pcc", logged, True)  # a typo fails before any data is read
     manifest = ensure_records(cfg)
     n_in = _channels(manifest, cfg.data.inputs, "input")
     n_out = _channels(manifest, cfg.data.targets, "target")
-    has_val = manifest.get("counts", {}).get("val", 0) > 0 or any(
-        f.get("split") == "val" for f in manifest.get("fields", {}).values())
+    has_val = require_validation(cfg, manifest)
     meta = export_meta(cfg, manifest)  # fails now (not after training) if the records lack something
 
     tf.keras.utils.set_random_seed(t.seed)
@@ -208,33 +265,33 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
                         click.echo(f"islkeras fit: warning: the config differs from the one {run_dir} was started "
                                    f"with; continuing with the new one", err=True)
             R.save_run_config(cfg, run_dir)
-        es = t.early_stopping
-        monitor = es.monitor if es else "val_pcc"
-        if val_ds is None and monitor.startswith("val_"):
-            monitor = monitor[4:]
+        monitor = check_monitor(cfg, es.monitor if es else "val_pcc", logged, val_ds is not None)
         ckpt = run_dir / "ckpt"
-        # BatchNorm re-estimation draws its own iterator of the training stream (same seeds, same crops)
-        control, callbacks = training_callbacks(t, generator, run_dir, save_dir, monitor, start, strategy, chief,
-                                                train_ds)
+        done = finished_training(save_dir / "ckpt" / "state.json")  # killed during the export: export only
         verbose = keras_verbosity(verbose)
         click.echo(f"islkeras fit: {cfg.name} ({cfg.loss.kind}, {cfg.model.architecture}"
                    f"{'/' + cfg.model.backbone if cfg.model.architecture == 'unet_sm' else ''}) -> {run_dir}"
-                   f"{' (resuming)' if resuming else ''}"
+                   f"{' (resuming)' if resuming and not done else ''}{' (training done: exporting)' if done else ''}"
                    f"{'' if strategy is tf.distribute.get_strategy() else ' [' + D.describe(strategy) + ']'}", err=True)
-        model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
-                  validation_steps=t.validation_steps if val_ds is not None else None,
-                  callbacks=callbacks, verbose=verbose)
+        if done:
+            generator.load_weights(str(done[1]))
+            outcome = done[0]
+        else:
+            # BatchNorm re-estimation draws its own iterator of the training stream (same seeds, same crops)
+            control, callbacks = training_callbacks(t, generator, run_dir, save_dir, monitor, start, strategy,
+                                                    chief, train_ds)
+            model.fit(train_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, validation_data=val_ds,
+                      validation_steps=t.validation_steps if val_ds is not None else None,
+                      callbacks=callbacks, verbose=verbose)
+            outcome = control.summary
 
-    summary = dict(control.summary, name=cfg.name, loss=cfg.loss.kind, run_dir=str(run_dir),
-                   config_hash=cfg.hash())
+    summary = dict(outcome, name=cfg.name, loss=cfg.loss.kind, run_dir=str(run_dir), config_hash=cfg.hash())
     out = export_savedmodel(generator, save_dir / "savedmodel", meta)  # every worker (collective reads)
     C.release_worker_dir(save_dir, chief)
     if chief:
         summary["savedmodel"] = str(out)
-        with contextlib.suppress(FileNotFoundError):
-            (ckpt / "best_weights.h5").unlink()
-        shutil.rmtree(ckpt / "backup", ignore_errors=True)  # finished: the SavedModel holds the result
         atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+        clean_checkpoints(ckpt)  # finished: the SavedModel holds the result
         click.echo(R.summary_line(summary))
     return summary
 

@@ -6,7 +6,8 @@ and the result does not depend on the number of replicas.
 
 * Pixel losses: ``l1_per_example``, ``l2_per_example`` (and ``pixel_per_example(kind)``).
 * Perceptual (Johnson et al. 2016): ``content_per_example`` (squared VGG feature difference per
-  element, relative to the target's feature energy, averaged over layers), ``style_per_example`` (the
+  element, relative to the target's feature energy -- or the prediction's when larger, so an empty target
+  does not divide by ~0 --, averaged over layers), ``style_per_example`` (the
   same on Gram matrices normalised by h*w*k),
   ``total_variation_per_example`` (mean absolute neighbour difference per pixel), combined by
   ``PerceptualLoss`` with weights ``content``, ``pixel``, ``tv``, ``style``. Every term is a per-element
@@ -68,21 +69,27 @@ def _per_example_from_channels(v, n):
     return tf.reduce_mean(tf.reshape(v, [n, -1]), axis=1)
 
 
-def _relative(err, ref, eps: float):
-    """mean(err) / mean(ref) per example: a feature error relative to the target's own feature energy."""
-    return _mean_per_example(err) / (tf.stop_gradient(_mean_per_example(ref)) + eps)
+def _relative(a, b):
+    """``mean((a - b)**2) / max(mean(a**2), mean(b**2))`` per example (the denominator held constant).
+
+    Relative to the target's (``a``) own energy -- unless the prediction has more: a target with (almost) no
+    feature energy (an empty crop in a deep layer) would otherwise divide by ~0 and swamp the batch; this
+    way the term stays in [0, 4] (Cauchy-Schwarz), and 0 when both are 0.
+    """
+    den = tf.maximum(_mean_per_example(tf.square(a)), _mean_per_example(tf.square(b)))
+    return tf.math.divide_no_nan(_mean_per_example(tf.square(a - b)), tf.stop_gradient(den))
 
 
-def content_per_example(feats_true: Sequence, feats_pred: Sequence, n_examples, eps: float = 1e-6):
+def content_per_example(feats_true: Sequence, feats_pred: Sequence, n_examples):
     """Relative squared feature difference, averaged over layers -> (N,).
 
-    Per layer: ``mean((f_true - f_pred)**2) / mean(f_true**2)`` over the feature map's elements. VGG
-    activations are in arbitrary units that differ by orders of magnitude between layers and weights;
-    relative to the target's own feature energy, a content of 0.1 means a 10 % feature error whatever the
-    layer, so it is on the scale of the pixel loss of normalised intensities and the weights mean what
-    they say.
+    Per layer: ``mean((f_true - f_pred)**2) / mean(f_true**2)`` over the feature map's elements (the
+    prediction's ``mean(f_pred**2)`` when it is larger, see ``_relative``). VGG activations are in arbitrary
+    units that differ by orders of magnitude between layers and weights; relative to the target's own
+    feature energy, a content of 0.1 means a 10 % feature error whatever the layer, so it is on the scale of
+    the pixel loss of normalised intensities and the weights mean what they say.
     """
-    terms = [_relative(tf.square(a - b), tf.square(a), eps) for a, b in zip(feats_true, feats_pred)]
+    terms = [_relative(a, b) for a, b in zip(feats_true, feats_pred)]
     return _per_example_from_channels(tf.add_n(terms) / float(len(terms)), n_examples)
 
 
@@ -94,12 +101,9 @@ def gram_matrix(f):
     return tf.matmul(flat, flat, transpose_a=True) / norm
 
 
-def style_per_example(feats_true: Sequence, feats_pred: Sequence, n_examples, eps: float = 1e-6):
+def style_per_example(feats_true: Sequence, feats_pred: Sequence, n_examples):
     """Relative squared Gram-matrix difference (as ``content_per_example``), averaged over layers -> (N,)."""
-    terms = []
-    for a, b in zip(feats_true, feats_pred):
-        ga, gb = gram_matrix(a), gram_matrix(b)
-        terms.append(_relative(tf.square(ga - gb), tf.square(ga), eps))
+    terms = [_relative(gram_matrix(a), gram_matrix(b)) for a, b in zip(feats_true, feats_pred)]
     return _per_example_from_channels(tf.add_n(terms) / float(len(terms)), n_examples)
 
 

@@ -22,8 +22,13 @@ from islkeras.training.base import GeneratorModel
 
 
 class PerceptualModel(GeneratorModel):
+    @staticmethod
+    def loss_names(style_weight: float) -> tuple[str, ...]:
+        """The loss terms logged (``style`` only with a style weight)."""
+        return ("loss", "content", "pixel", "tv") + (("style",) if style_weight > 0 else ())
+
     def __init__(self, generator, perceptual: PerceptualLoss, global_batch_size=None, **kwargs):
-        names = ("loss", "content", "pixel", "tv") + (("style",) if perceptual.weights["style"] > 0 else ())
+        names = self.loss_names(perceptual.weights["style"])
         super().__init__(generator, global_batch_size, loss_names=names, **kwargs)
         self.perceptual = perceptual
         self.vgg = perceptual.features.model  # tracked (frozen) so it is built under the strategy

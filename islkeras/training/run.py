@@ -95,9 +95,22 @@ def read_summary(run_dir: Union[str, Path]) -> Optional[dict]:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def steps_text(summary: dict) -> str:
+    """How much of the step budget ran: ``1680 steps``, or ``1000 of 1680 steps`` when the run stopped early."""
+    steps, budget = summary.get("steps"), summary.get("steps_budget")
+    if steps is None:
+        return "? steps"
+    return f"{steps} steps" if budget in (None, steps) else f"{steps} of {budget} steps"
+
+
 def summary_line(summary: dict) -> str:
+    """The line ``fit``/``transfer`` print at the end; says so when the safety cap ``max_minutes`` stopped
+    training before its step budget."""
     best = summary.get("best")
     best_s = "n/a" if best is None else f"{best:.4f}"
-    return (f"{summary.get('name', 'run')}: {summary.get('epochs')} epochs ({summary.get('stopped')}), "
+    stopped = summary.get("stopped")
+    if stopped == "max_minutes":
+        stopped = f"stopped by the safety cap training.max_minutes={summary.get('max_minutes')}"
+    return (f"{summary.get('name', 'run')}: {summary.get('epochs')} epochs, {steps_text(summary)} ({stopped}), "
             f"best {summary.get('monitor')} {best_s} at epoch {summary.get('best_epoch')}, "
             f"{summary.get('minutes')} min -> {summary.get('savedmodel')}")

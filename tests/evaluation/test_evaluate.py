@@ -55,6 +55,11 @@ def test_whole_field_metrics_table_and_outputs(whole_df, eval_run, aiseg_dir):
     pred = predict_field(em, bf, tile=512, overlap=64)[..., 0]
     row = df.iloc[0]
     assert row["pcc"] == pytest.approx(M.pcc(pred, nuc), abs=1e-9)
+    from islkeras.segmentation.metrics import mask_jaccard_from_fluorescence
+
+    assert row["mask_jaccard"] == pytest.approx(mask_jaccard_from_fluorescence(pred, nuc), abs=1e-12)
+    assert bool(row["finite"]) and json.loads((eval_run / "evaluate" / "test" / "summary.json").read_text())[
+        "non_finite_predictions"] == 0
     assert row["psnr"] == pytest.approx(M.psnr(pred, nuc, 255.0), abs=1e-9)
     z = (nuc - nuc.mean()) / nuc.std()
     pz = (pred - nuc.mean()) / nuc.std()
@@ -75,15 +80,48 @@ def test_whole_field_metrics_table_and_outputs(whole_df, eval_run, aiseg_dir):
         assert (out / "figures" / fig).stat().st_size > 1000
 
 
-def test_mask_jaccard_hook(whole_df):
-    try:
-        from islkeras.segmentation.metrics import mask_jaccard_from_fluorescence  # noqa: F401
-        import islkeras.segmentation.masks  # noqa: F401
-    except ImportError:
-        assert whole_df["mask_jaccard"].isna().all()
-    else:
-        v = whole_df["mask_jaccard"]
-        assert v.notna().all() and ((v >= 0) & (v <= 1)).all()
+def test_mask_jaccard_known_value():
+    """Two equal discs in the target, one of them in the prediction: their masks' Jaccard is 1/2."""
+    from islkeras.segmentation.metrics import mask_jaccard_from_fluorescence
+
+    yy, xx = np.mgrid[:256, :256]
+    disc = lambda y, x: ((yy - y) ** 2 + (xx - x) ** 2 < 12 ** 2).astype(np.float32)  # noqa: E731
+    true = 200 * (disc(64, 64) + disc(180, 170)) + 10
+    pred = 200 * disc(64, 64) + 10
+    assert mask_jaccard_from_fluorescence(true, true) == 1.0
+    assert mask_jaccard_from_fluorescence(pred, true) == pytest.approx(0.5, abs=0.02)
+
+
+def test_diverged_model_is_flagged_and_the_runs_steps_recorded(eval_run, tmp_path):
+    """A model that outputs NaN: PCC NaN (not 0), `finite` False, counted in summary.json and warned about;
+    the run's training steps (its summary.json) go into the evaluation summary."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from islkeras.cli import cli
+    from islkeras.config import ModelConfig
+    from islkeras.models.savedmodel import export_savedmodel, read_meta
+    from islkeras.models.unet import build_generator
+
+    run = tmp_path / "runs" / "tiny_aiseg" / "diverged"
+    shutil.copytree(eval_run, run, ignore=shutil.ignore_patterns("savedmodel", "evaluate"))
+    net = build_generator(ModelConfig(architecture="unet", unet_filters=4, unet_depth=2), 1, 1)
+    net.get_layer("final_conv").bias.assign([np.nan])
+    export_savedmodel(net, run / "savedmodel", read_meta(eval_run / "savedmodel"))
+    (run / "summary.json").write_text(json.dumps({"epochs": 3, "steps": 840, "steps_budget": 1680,
+                                                  "stopped": "max_minutes", "max_minutes": 15}))
+    res = CliRunner().invoke(cli, ["evaluate", str(run), "--split", "test", "--crops", "2", "--no-mask-jaccard"])
+    assert res.exit_code == 0, res.output
+    assert "WARNING: 4 of 4 prediction(s) contain NaN or infinite values" in res.output
+    df = pd.read_csv(run / "evaluate" / "test" / "metrics.csv")
+    assert df["pcc"].isna().all() and not df["finite"].any()
+    summary = json.loads((run / "evaluate" / "test" / "summary.json").read_text())
+    assert summary["non_finite_predictions"] == 4
+    assert summary["metrics"]["nuclei"]["pcc"]["all"] == {"mean": None, "std": None, "median": None, "n": 4,
+                                                         "n_finite": 0}
+    assert summary["training"] == {"epochs": 3, "steps": 840, "steps_budget": 1680, "stopped": "max_minutes",
+                                   "max_minutes": 15}
 
 
 def test_crops_are_deterministic_and_cli(eval_run, tmp_path):

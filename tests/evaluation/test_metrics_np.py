@@ -50,6 +50,20 @@ def test_perfect_and_constant_predictions(pair):
     assert M.nrmse(const, np.zeros_like(const)) == np.inf
 
 
+def test_diverged_prediction_is_nan_not_zero(pair):
+    """A NaN or infinite pixel (a diverged model) gives NaN, so it cannot pass for an uncorrelated one (0)."""
+    pred, true = pair
+    for bad in (np.nan, np.inf, -np.inf):
+        p = pred.copy()
+        p[10, 20] = bad
+        assert np.isnan(M.pcc(p, true)) and np.isnan(M.pcc(true.astype(np.float32), p))
+    assert np.isnan(M.pcc(np.full(true.shape, np.nan, np.float32), true))
+    assert np.isnan(M.pcc_channels(np.stack([pred, np.full_like(pred, np.nan)], -1),
+                                   np.stack([true, true], -1))).tolist() == [False, True]
+    s = M.summary_stats([0.5, np.nan, 0.7])  # NaN is left out of the mean and counted
+    assert s["mean"] == pytest.approx(0.6) and (s["n"], s["n_finite"]) == (3, 2)
+
+
 def test_ssim_psnr_nrmse_match_scikit_image(pair):
     from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 

@@ -49,17 +49,62 @@ def test_densenet121_unet_random_init():
     assert any(l.name.startswith("conv5_block16") for l in net.layers)  # DenseNet121's last dense block
 
 
-def test_local_encoder_file_gets_a_learned_input_adapter(tmp_path):
-    """A weights file (like ImageNet's) is for 3 channels: other inputs go through a learned 1x1 adapter."""
+SMALL = [32, 16, 16, 8, 8]  #: a small decoder: the encoder is what these tests are about
+
+
+def test_local_encoder_file_gets_a_learned_input_adapter(tmp_path, capsys):
+    """A weights file (like ImageNet's) is for 3 channels: other inputs go through a learned 1x1 adapter;
+    every encoder layer is loaded, and a file whose layer names match nothing is an error, not a random
+    encoder."""
+    from islkeras.models.unet import encoder_layers
+
     tf.keras.utils.set_random_seed(1)
-    net3 = build_generator(ModelConfig(backbone="resnet18", encoder_weights=None), n_inputs=3, n_outputs=1)
+    net3 = build_generator(ModelConfig(backbone="resnet18", encoder_weights=None, decoder_filters=SMALL), 3, 1)
     path = tmp_path / "resnet18_unet.h5"
     net3.save_weights(str(path))
-    net2 = build_generator(ModelConfig(backbone="resnet18", encoder_weights=str(path)), n_inputs=2, n_outputs=1)
+    net2 = build_generator(ModelConfig(backbone="resnet18", encoder_weights=str(path), decoder_filters=SMALL), 2, 1)
     assert "input_adapter" in [l.name for l in net2.layers]
     assert net2(np.zeros((1, 64, 64, 2), np.float32)).shape == (1, 64, 64, 1)
     inner = [l for l in net2.layers if isinstance(l, tf.keras.Model)][0]
-    np.testing.assert_array_equal(inner.get_layer("conv0").get_weights()[0], net3.get_layer("conv0").get_weights()[0])
+    enc3, enc2 = encoder_layers(net3), encoder_layers(inner)
+    assert [l.name for l in enc2] == [l.name for l in enc3] and len(enc2) == 40 and "final_conv" not in enc2[-1].name
+    for a, b in zip(enc3, enc2):  # all of them, not just the first
+        for u, v in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(u, v)
+    assert "warning" not in capsys.readouterr().err
+    other = tmp_path / "plain_unet.h5"  # a user's own file of another network: no layer name matches
+    build_generator(ModelConfig(architecture="unet", unet_filters=4, unet_depth=2), 3, 1).save_weights(str(other))
+    with pytest.raises(UserError, match=rf"model.encoder_weights: {other} holds no weights for the resnet18 encoder "
+                                        rf"\(matched by layer name: 0 of the {len(enc3)} resnet18 encoder layers"):
+        build_generator(ModelConfig(backbone="resnet18", encoder_weights=str(other), decoder_filters=SMALL), 2, 1)
+    partial = tmp_path / "partial.h5"  # a file that holds only some encoder layers: loaded, loudly
+    sub = tf.keras.Model(net3.input, net3.get_layer(enc3[9].name).output)
+    sub.save_weights(str(partial))
+    n_sub = len([l for l in sub.layers if l.weights])
+    build_generator(ModelConfig(backbone="resnet18", encoder_weights=str(partial), decoder_filters=SMALL), 2, 1)
+    err = capsys.readouterr().err
+    assert 0 < n_sub < len(enc3)
+    assert f"warning: model.encoder_weights: {partial} set only {n_sub} of the {len(enc3)}" in err
+
+
+def test_encoder_freeze_trains_the_decoder_only():
+    """encoder_freeze: the encoder's convolutions stay as they are (segmentation-models keeps its BatchNorm
+    layers trainable), the decoder learns."""
+    from islkeras.models.unet import encoder_layers
+
+    tf.keras.utils.set_random_seed(2)
+    net = build_generator(ModelConfig(backbone="resnet18", encoder_freeze=True, decoder_filters=SMALL), 1, 1)
+    enc = [l for l in encoder_layers(net) if not isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert enc and all(not l.trainable for l in enc)
+    dec = net.get_layer("final_conv")
+    before = [l.get_weights()[0].copy() for l in enc] + [dec.get_weights()[0].copy()]
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 1)).astype(np.float32)
+    with tf.GradientTape() as tape:  # one eager training step (what fit does, without tracing)
+        loss = tf.reduce_mean(tf.abs(net(x, training=True) - x))
+    tf.keras.optimizers.SGD(0.1).apply_gradients(zip(tape.gradient(loss, net.trainable_variables),
+                                                     net.trainable_variables))
+    assert all(np.array_equal(b, l.get_weights()[0]) for b, l in zip(before, enc))
+    assert not np.array_equal(before[-1], dec.get_weights()[0])
 
 
 def test_unknown_backbone_and_missing_weights_file():

@@ -87,3 +87,33 @@ def test_export_signatures_match_in_memory_model_and_reload_fine_tunes(exported)
     before = [w.copy() for w in keras.get_weights()]
     keras.fit(x, x, epochs=1, verbose=0)
     assert any(not np.array_equal(a, b) for a, b in zip(before, keras.get_weights()))
+
+
+@pytest.mark.parametrize("method", ["minmax", "dataset", "zscore", "percentile"])
+def test_serving_graph_normalisation_matches_numpy(method):
+    """The in-graph normalisation of ``serving_default`` (an identity network, so the output is the
+    normalised image) against the documented formula in numpy, per image and channel, on a uint16 batch
+    whose size is not a multiple of 32 (padded in the graph, cropped back)."""
+    from islkeras.models.savedmodel import make_serving_fn
+
+    inp = tf.keras.Input((None, None, 2))
+    identity = tf.keras.Model(inp, tf.keras.layers.Activation("linear")(inp))
+    ds = {"offset": [100.0, 2000.0], "scale": [50.0, 400.0]}
+    meta = {"kind": "isl", "input_dtype": "uint16", "target_scale": {"offset": [0.0, 0.0], "scale": [1.0, 1.0]},
+            "normalization": {"method": method, "percentiles": [1.0, 99.8], "input_dataset": ds}}
+    rng = np.random.default_rng(4)
+    raw = np.stack([rng.integers(10, 300, (2, 40, 50)), rng.integers(500, 60000, (2, 40, 50))], -1).astype(np.uint16)
+    got = make_serving_fn(identity, meta)(tf.constant(raw))["prediction"].numpy()
+    x = raw.astype(np.float64)
+    if method == "minmax":
+        lo, hi = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
+        want = (x - lo) / (hi - lo)
+    elif method == "dataset":
+        want = (x - np.array(ds["offset"])) / np.array(ds["scale"])
+    elif method == "zscore":
+        want = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
+    else:
+        lo, hi = (np.percentile(x, q, axis=(1, 2), keepdims=True) for q in (1.0, 99.8))
+        want = (x - lo) / (hi - lo)
+    assert got.shape == raw.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

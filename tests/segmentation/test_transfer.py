@@ -288,9 +288,22 @@ def test_run_transfer_end_to_end(isl_run, aiseg_dir):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["field"] for r in rows] == ["fov_002", "fov_007"]
-    assert all(0.0 <= float(r["iou"]) <= 1.0 and 0.0 <= float(r["pixel_accuracy"]) <= 1.0 for r in rows)
+    # the IoU and pixel accuracy of fov_007, by hand from the exported model's whole-field probabilities
+    import tifffile
+
+    from islkeras.inference.tiling import predict_field
+    from islkeras.models.savedmodel import ExportedModel
+
+    prob = predict_field(ExportedModel(out / "savedmodel"), tifffile.imread(aiseg_dir / "fov_007" / "brightfield.tif"))
+    pred, true = prob[..., 0] > 0.5, tifffile.imread(aiseg_dir / "fov_007" / "mask.tif") > 0
+    iou = (pred & true).sum() / (pred | true).sum() if (pred | true).any() else 1.0
+    assert float(rows[1]["iou"]) == pytest.approx(iou, abs=1e-5)
+    assert float(rows[1]["pixel_accuracy"]) == pytest.approx((pred == true).mean(), abs=1e-5)
+    assert float(rows[1]["mean_probability"]) == pytest.approx(float(prob.mean()), rel=1e-4)
+    assert (int(rows[1]["true_pixels"]), int(rows[1]["pred_pixels"])) == (true.sum(), pred.sum())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_iou"] == pytest.approx(np.mean([float(r["iou"]) for r in rows]), abs=1e-5)
+    assert (summary["steps"], summary["steps_budget"], summary["stopped"]) == (3, 3, "epochs")
     assert summary["monitor"] == "iou" or summary["monitor"] == "val_iou"
     with open(out / "history.csv") as f:
         hist = list(csv.DictReader(f))
@@ -334,7 +347,9 @@ def test_sweep_experiment_tiny(isl_run, aiseg_dir):
     assert 0.3 < s["stain_threshold_test_iou"]["2"] < 0.6
     assert "true stain + threshold" in md and f"{s['stain_threshold_test_iou']['2']:.3f}" in md
     isl_row = next(r for r in rows if r["init"].startswith("isl"))
-    assert 0.0 <= float(isl_row["start_test_iou"]) <= 1.0
+    run_summary = json.loads((out / "n02_isl" / "summary.json").read_text())
+    assert float(isl_row["start_test_iou"]) == pytest.approx(run_summary["start_test_iou"], abs=1e-5)
+    assert [int(r["steps"]) for r in rows] == [2, 2] and "| 2 / 2 |" in md  # steps run, scratch / ISL
     meta = json.loads((out / "n02_isl" / "savedmodel" / "assets" / "islkeras.json").read_text())
     assert meta["train_fields"] == ["fov_001", "fov_004"]
 
@@ -345,8 +360,11 @@ def test_results_table_and_curve(tmp_path):
     rows = [{"train_fields": n, "init": init, "test_iou": v, "test_pixel_accuracy": 0.99}
             for n, init, v in [(1, "isl:all_but_head", 0.5), (1, "scratch", 0.25), (18, "isl:all_but_head", 0.7),
                                (18, "scratch", 0.65), (3, "scratch", None)]]
+    rows[0].update(steps=800, steps_budget=800, stopped="epochs")
+    rows[1].update(steps=600, steps_budget=800, stopped="max_minutes")
     md = markdown_table(rows).splitlines()
-    assert md[2].startswith("| 1 | 0.250 | 0.500 | +0.250 |")
+    assert md[2].startswith("| 1 | 0.250 | 0.500 | +0.250 |") and md[2].endswith("| 600 of 800 (cap) / 800 |")
+    assert md[4].endswith("| n/a / n/a |")
     assert md[3].startswith("| 3 | n/a | n/a | n/a |")
     assert md[4].startswith("| 18 | 0.650 | 0.700 | +0.050 |")
     per_field = [{"train_fields": 1, "init": "scratch", "field": "a", "iou": 0.1}]
@@ -392,7 +410,19 @@ def test_keep_start_when_fine_tuning_does_worse(isl_run, aiseg_dir):
         "isl_run": str(run_dir), "train_fields": 1, "init": "all_calibrated", "isl_learning_rate": 50.0})
     out = run_transfer(cfg, run_dir=tmp / "keep_run", verbose=0)
     s = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= s["start_val_iou"] <= 1.0 and 0.0 <= s["start_test_iou"] <= 1.0
+    # the start's val IoU by hand: the ISL model's normalised prediction of each val field thresholded at t
+    import tifffile
+
+    from islkeras.inference.tiling import predict_field
+    from islkeras.models.savedmodel import ExportedModel
+
+    t = json.loads((out / "transfer.json").read_text())["calibration"]["t"]
+    ious = []
+    for f in ("fov_003", "fov_008"):
+        z = predict_field(ExportedModel(run_dir), tifffile.imread(aiseg_dir / f / "brightfield.tif"), output_scale=False)
+        pred, true = z[..., 0] > t, tifffile.imread(aiseg_dir / f / "mask.tif") > 0
+        ious.append((pred & true).sum() / (pred | true).sum())
+    assert s["start_val_iou"] == pytest.approx(np.mean(ious), abs=1e-6) and min(ious) > 0
     assert s["kept_start"] is True and s["start_val_iou"] > (s["best"] or 0.0)
     assert s["test_iou"] == pytest.approx(s["start_test_iou"], abs=2e-3)
     # without keep_start the wrecked network is exported

@@ -80,7 +80,7 @@ def _train_toy(tf, strategy, kind, batches, global_batch, lr=0.05):
     x, y = (b.reshape((-1,) + b.shape[2:]) for b in batches)  # (steps, B, ...) -> batches of B in order
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch).with_options(_no_shard(tf))
     hist = model.fit(ds, epochs=1, steps_per_epoch=len(batches[0]), verbose=0).history
-    return [w for n in nets for w in n.get_weights()], hist
+    return [[w.numpy() for w in n.trainable_weights] for n in nets], hist
 
 
 def _no_shard(tf):
@@ -90,7 +90,9 @@ def _no_shard(tf):
 
 
 def equivalence(tf, np, mirrored, steps=3, global_batch=4):
-    """Max |w2 - w1| / max|w1 - w0| over the weights after ``steps`` SGD steps, per mode."""
+    """Max |w2 - w1| and max|w1 - w0| over the trainable weights after ``steps`` SGD steps, per mode and
+    per network (pix2pix: the generator and the discriminator apart, so a network that does not move
+    cannot hide behind the other)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((steps, global_batch, 32, 32, 1)).astype(np.float32)
     y = (0.5 * x + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
@@ -101,13 +103,21 @@ def equivalence(tf, np, mirrored, steps=3, global_batch=4):
         w2, h2 = _train_toy(tf, mirrored, kind, (x, y), global_batch)
         # the initial weights (same seeds) to measure how far the steps moved them
         with default.scope():
-            w0 = [w for w in _toy_generator(tf, 1).get_weights()]
+            w0 = [[w.numpy() for w in _toy_generator(tf, 1).trainable_weights]]
             if kind == "pix2pix":
-                w0 += _toy_discriminator(tf, 7).get_weights()
-        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2))
-        moved = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w0))
-        out[kind] = {"max_abs_diff": diff, "max_update": moved, "loss_1": h1["loss"][-1], "loss_2": h2["loss"][-1]}
+                w0.append([w.numpy() for w in _toy_discriminator(tf, 7).trainable_weights])
+        nets = {}
+        for name, a1, a2, a0 in zip(("generator", "discriminator"), w1, w2, w0):
+            nets[name] = {"max_abs_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(a1, a2)),
+                          "max_update": max(float(np.max(np.abs(a - b))) for a, b in zip(a1, a0))}
+        out[kind] = {"nets": nets, "loss_1": h1["loss"][-1], "loss_2": h2["loss"][-1],
+                     "d_loss_1": h1.get("d_loss", [None])[-1], "d_loss_2": h2.get("d_loss", [None])[-1]}
     return out
+
+
+#: fit settings under which the tiny U-Net visibly learns the synthetic fields in 2 x 6 steps (measured:
+#: val PCC 0.16-0.34 after epoch 1, 0.35-0.41 after epoch 2, 4 of 4 runs rising; default and bf16, 2 seeds)
+LEARNING = {"training.steps_per_epoch": 6, "training.learning_rate": 5e-3}
 
 
 # -------------------------------------------------------------------------------------------- modes
@@ -135,7 +145,7 @@ def mirrored_main(config, out_path):
         sets = dict(base, **{"training.strategy": "mirrored", "training.devices": devices,
                              "training.jit_compile": True})  # turned off (XLA cannot, with 2 replicas)
         t1 = time.time()
-        s = fit(_cfg(config, dict(sets, name="mirrored_l1")), verbose=0)
+        s = fit(_cfg(config, dict(sets, name="mirrored_l1", **LEARNING)), verbose=0)
         res["fit"] = s
         res["t_fit"] = time.time() - t1
         t1 = time.time()
@@ -156,19 +166,38 @@ def worker_main(config, out_path, jobs_path):
 
         from islkeras.training.fit import LATEST, fit
 
+        import numpy as np
+
+        def fingerprint(model):
+            """Sums of |w| of the trainable weights and the optimizer's iterations: what a checkpoint holds
+            (trainable variables are mirrored: reading them is local, no collective)."""
+            return [float(np.abs(w.numpy()).astype(np.float64).sum()) for w in model.trainable_weights] + \
+                [int(model.optimizer.iterations.numpy())]
+
+        B = tf.keras.callbacks.BackupAndRestore
         jobs = json.loads(Path(jobs_path).read_text())
         for job in jobs:
             k = job.get("exit_after_epoch")
             if k is not None:
-                orig = tf.keras.callbacks.BackupAndRestore.on_epoch_end
+                orig = B.on_epoch_end
 
                 def on_epoch_end(self, epoch, logs=None, _orig=orig, _k=k):
                     _orig(self, epoch, logs)
                     if epoch + 1 >= _k:
-                        Path(out_path).write_text(json.dumps(dict(res, exited_after_epoch=epoch + 1)))
+                        Path(out_path).write_text(json.dumps(dict(res, exited_after_epoch=epoch + 1,
+                                                                  weights_at_exit=fingerprint(self.model))))
                         os._exit(3)
 
-                tf.keras.callbacks.BackupAndRestore.on_epoch_end = on_epoch_end
+                B.on_epoch_end = on_epoch_end
+            if job.get("resume"):  # the state right after BackupAndRestore restored it
+                orig_begin = B.on_train_begin
+
+                def on_train_begin(self, logs=None, _orig=orig_begin):
+                    _orig(self, logs)
+                    res["weights_at_resume"] = fingerprint(self.model)
+                    B.on_train_begin = _orig
+
+                B.on_train_begin = on_train_begin
             if job.get("transfer"):  # from the ISL run of an earlier job
                 from islkeras.segmentation.transfer import run_transfer
 

@@ -144,6 +144,16 @@ def test_shard_policy_by_file_only_when_every_worker_gets_a_file():
     assert ds.options().experimental_distribute.auto_shard_policy == P.OFF  # one worker: nothing to shard
 
 
+def _learned(run: Path, s: dict) -> None:
+    """The fit learnt: validation PCC rose from epoch 1 to 2 and reached 0.3 (an untrained net is at ~0)."""
+    import csv
+
+    with open(run / "history.csv", newline="") as f:
+        val = [float(r["val_pcc"]) for r in csv.DictReader(f)]
+    assert len(val) == 2 and val[1] > val[0] and max(val) > 0.3, val
+    assert s["best"] == pytest.approx(max(val), abs=1e-5) and s["best_epoch"] == 2
+
+
 # -------------------------------------------------------------------------------- mixed precision
 def test_mixed_float16_scales_both_pix2pix_losses():
     from islkeras.models.patchgan import build_patchgan
@@ -174,10 +184,12 @@ def test_mixed_bfloat16_fit_exports_float32(synth, tmp_path):
     from islkeras.models.savedmodel import load_exported
     from islkeras.training.fit import fit
 
+    from distribute_driver import LEARNING  # beside this file (pytest puts the folder on sys.path)
+
     cfg = load_config(synth, overrides={"name": "bf16", "training.mixed_precision": "mixed_bfloat16",
-                                        "training.epochs": 1, "training.runs_dir": str(tmp_path)})
+                                        "training.runs_dir": str(tmp_path), **LEARNING})
     s = fit(cfg, verbose=0)
-    assert np.isfinite(s["best"])
+    _learned(Path(s["run_dir"]), s)
     assert tf.keras.mixed_precision.global_policy().name == "float32"
     em = load_exported(s["savedmodel"])
     net = em.keras_model()
@@ -214,9 +226,13 @@ def test_two_replicas_match_one_replica(mirrored, kind):
     same global batch (BatchNorm-free networks: batch statistics are per replica by design)."""
     assert mirrored["replicas"] == 2
     e = mirrored["equivalence"][kind]
-    assert e["max_update"] > 1e-3  # the steps did move the weights
-    assert e["max_abs_diff"] <= 1e-5 + 1e-4 * e["max_update"], e
+    assert list(e["nets"]) == (["generator", "discriminator"] if kind == "pix2pix" else ["generator"])
+    for net, d in e["nets"].items():  # each network on its own: the discriminator must move too
+        assert d["max_update"] > 1e-3, (net, d)  # the steps did move its trainable weights
+        assert d["max_abs_diff"] <= 1e-5 + 1e-4 * d["max_update"], (net, d)
     assert e["loss_1"] == pytest.approx(e["loss_2"], rel=1e-4, abs=1e-6)
+    if kind == "pix2pix":
+        assert e["d_loss_1"] == pytest.approx(e["d_loss_2"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -225,7 +241,8 @@ def test_fit_and_transfer_under_mirrored(mirrored):
     ``transfer`` from that run (validation: one image per replica)."""
     s = mirrored["fit"]
     run = Path(s["run_dir"])
-    assert s["epochs"] == 2 and np.isfinite(s["best"]) and s["stopped"] == "epochs"
+    assert s["epochs"] == 2 and s["stopped"] == "epochs" and s["steps"] == 12
+    _learned(run, s)
     assert (run / "savedmodel" / "saved_model.pb").is_file() and (run / "history.csv").is_file()
     rows = (run / "history.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_pcc" in rows[0]
@@ -296,12 +313,20 @@ def test_multiworker_l1_resume_and_pix2pix_only_chief_writes(synth, tmp_path):
     first = _launch(synth, tmp_path, [{"set": l1, "exit_after_epoch": 1}], ports, "crash")
     for code, r, log in first:
         assert code == 3 and r.get("exited_after_epoch") == 1, f"exit {code}: {r.get('error', '')}\n{log[-3000:]}"
+    (crashed,) = list(runs.glob("mw_l1/*/history.csv"))
+    row1 = crashed.read_text().splitlines()
+    assert len(row1) == 2  # header + epoch 1
     for d in (tmp_path / "tmp").glob("islkeras-worker-*"):  # a crash skips the clean-up, like kill -9
         shutil.rmtree(d)
     ports = _free_ports(2)
     second = _launch(synth, tmp_path, [{"set": l1, "resume": True}, {"set": p2p}], ports, "resume", timeout=360)
     for code, r, log in second:
         assert code == 0 and r.get("ok"), f"exit {code}: {r.get('error', '')}\n{log[-3000:]}"
+    # each worker resumed from the checkpoint of epoch 1: the weights and optimizer steps it had when it died
+    for i in range(2):
+        assert second[i][1]["weights_at_resume"] == first[i][1]["weights_at_exit"], i
+    assert first[0][1]["weights_at_exit"][-1] == 2  # 2 optimizer steps (epoch 1), not a fresh optimizer
+    assert crashed.read_text().splitlines()[:2] == row1  # epoch 1's row is kept as it was
     chief = second[0][1]["jobs"]
     # only the chief's run folders exist: one per job, with every file the run folder should have
     assert sorted(p.relative_to(runs).as_posix() for p in runs.glob("*/*")) == sorted(

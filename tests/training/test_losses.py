@@ -94,6 +94,55 @@ def test_perceptual_weights_combine_terms(nuclei_crops, vgg_random):
     assert "style" not in t and t["total"].shape == (4,)
 
 
+def _content_np(ft, fp, n):
+    """The content term by hand: per layer and (example x channel) image mean((a-b)^2) / max(mean(a^2),
+    mean(b^2)) (0 when both are 0), the mean over layers, then over each example's channels."""
+    per_layer = []
+    for a, b in zip(ft, fp):
+        a, b = (np.asarray(v, np.float64).reshape(len(v), -1) for v in (a, b))
+        err, den = ((a - b) ** 2).mean(1), np.maximum((a ** 2).mean(1), (b ** 2).mean(1))
+        per_layer.append(np.divide(err, den, out=np.zeros_like(err), where=den > 0))
+    return np.mean(per_layer, axis=0).reshape(n, -1).mean(1)
+
+
+def test_content_term_matches_numpy_and_survives_an_empty_target():
+    rng = _rng(8)
+    # 2 examples x 2 channels = 4 feature "images" per layer, two layers of different sizes and scales
+    ft = [rng.normal(size=(4, 8, 8, 3)).astype(np.float32), 50 * rng.random((4, 4, 4, 5)).astype(np.float32)]
+    fp = [f + rng.normal(scale=0.5 * f.std(), size=f.shape).astype(np.float32) for f in ft]
+    fp[0][1] *= 3.0  # one prediction with more feature energy than its target
+    np.testing.assert_allclose(L.content_per_example(ft, fp, 2).numpy(), _content_np(ft, fp, 2), rtol=1e-5)
+    # a target without feature energy (an empty crop in a deep layer) used to be divided by 1e-6
+    ft[1][0] = 0.0
+    got = L.content_per_example(ft, fp, 2).numpy()
+    np.testing.assert_allclose(got, _content_np(ft, fp, 2), rtol=1e-5)
+    assert got.max() < 4.0  # bounded: mean((a-b)^2) <= 4 max(mean(a^2), mean(b^2))
+    both = [np.zeros((2, 4, 4, 1), np.float32)]
+    assert L.content_per_example(both, both, 2).numpy().tolist() == [0.0, 0.0]  # nothing to compare: 0, not NaN
+
+
+def test_perceptual_terms_match_numpy_on_known_features():
+    """PerceptualLoss with a known feature map (two fixed convolutions): every term against numpy."""
+    rng = _rng(9)
+    k1, k2 = rng.normal(size=(3, 3, 1, 2)).astype(np.float32), rng.normal(size=(1, 1, 1, 3)).astype(np.float32)
+
+    def feats(y):  # (N, H, W, C) -> per channel, like VGGFeatures: (N*C, h, w, k)
+        g = tf.reshape(tf.transpose(y, [0, 3, 1, 2]), [-1, y.shape[1], y.shape[2], 1])
+        return [tf.nn.relu(tf.nn.conv2d(g, k1, 1, "SAME")), tf.nn.conv2d(g[:, ::2, ::2], k2, 1, "SAME")]
+
+    y = rng.normal(size=(2, 16, 16, 2)).astype(np.float32)
+    p = (0.7 * y + 0.5 * rng.normal(size=y.shape)).astype(np.float32)
+    t = L.PerceptualLoss(feats, content=0.8, pixel=0.1, tv=0.1).terms(y, p)
+    f_np = [[f.numpy() for f in feats(tf.constant(v))] for v in (y, p)]
+    content = _content_np(f_np[0], f_np[1], 2)
+    pixel = np.abs(y - p).mean(axis=(1, 2, 3))
+    tv = np.abs(np.diff(p, axis=1)).mean(axis=(1, 2, 3)) + np.abs(np.diff(p, axis=2)).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(t["content"].numpy(), content, rtol=1e-5)
+    np.testing.assert_allclose(t["pixel"].numpy(), pixel, rtol=1e-5)
+    np.testing.assert_allclose(t["tv"].numpy(), tv, rtol=1e-5)
+    np.testing.assert_allclose(t["total"].numpy(), 0.8 * content + 0.1 * pixel + 0.1 * tv, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ GAN
 def _bce(z, label):
     return np.maximum(z, 0) - z * label + np.log1p(np.exp(-np.abs(z)))
