@@ -21,8 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("islkeras.evaluation.report:report_command", "Compare several runs: table (CSV/Markdown) and PCC box plot."),
     "masks": ("islkeras.segmentation.masks:masks_command", "Nucleus instance labels and binary masks from a nuclei stain."),
     "transfer": ("islkeras.segmentation.experiment:transfer_command", "Fine-tune a nuclei segmentation net from an ISL model."),
-    "export": ("islkeras.export.command:export_command", "Package a run for another tool (--format tfserving: the TF Serving layout)."),
-    "serve": ("islkeras.serving.http:serve_command", "TF-Serving-compatible REST server for exported models."),
+    "export": ("islkeras.export.command:export_command", "Package a run for TF Serving, Triton or the BioImage Model Zoo."),
+    "serve": ("islkeras.serving.http:serve_command", "Serve exported models: TF Serving REST + KServe V2 (Triton clients)."),
     "demo": ("islkeras.demo:demo_command", "Synthetic data end to end: convert -> fit -> evaluate -> predict."),
 }
 

@@ -17,7 +17,8 @@ MAX_LINES = 450
 LONG_MODULES: dict[str, str] = {}
 
 #: the steps a field takes, in order; a step may import the steps before it, never one after it
-STEPS = ["data", "models", "training", "export", "inference", "segmentation", "evaluation", "serving"]
+STEPS = ["data", "models", "training", "export", "inference", "segmentation", "evaluation", "serving",
+         "napari"]
 #: top-level modules every step may import (they import no step, except as listed in FOUNDATION_EXCEPTIONS)
 FOUNDATION = {"islkeras", "islkeras._env", "islkeras.errors", "islkeras.utils", "islkeras.config"}
 #: top-level entry points: they may import anything, nothing imports them (but each other)

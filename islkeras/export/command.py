@@ -2,8 +2,9 @@
 
 * ``tfserving`` (default): ``OUT/<name>/<version>/`` for TensorFlow Serving and ``islkeras serve``
   (:mod:`islkeras.export.serving`);
-* ``triton`` (Triton model repository) and ``bioimageio`` (BioImage Model Zoo package) are added to
-  ``FORMATS`` by their own modules' commits (issues 15 and 14).
+* ``triton``: a Triton model repository ``OUT/<name>/{config.pbtxt, <version>/model.savedmodel/}``
+  (:mod:`islkeras.export.triton`);
+* ``bioimageio``: a BioImage Model Zoo model package ``OUT`` (a ``.zip``) (:mod:`islkeras.export.bioimageio`).
 
 Each format module has ``export(run_dir, out, name=None, version=None, overwrite=False) -> (path, message)``;
 ``message`` is what the command prints (where the package went and what to run next). The module is
@@ -20,6 +21,8 @@ import click
 #: --format -> module with ``export(run_dir, out, name, version, overwrite) -> (Path, str)``
 FORMATS = {
     "tfserving": "islkeras.export.serving",
+    "triton": "islkeras.export.triton",
+    "bioimageio": "islkeras.export.bioimageio",
 }
 
 
@@ -33,25 +36,28 @@ def export(fmt: str, run_dir, out, name: Optional[str] = None, version: Optional
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-              help="The model base folder (the model goes to OUT/<name>/<version>/).")
+              help="tfserving/triton: the model base / repository folder (the model goes to OUT/<name>/...); "
+                   "bioimageio: the package file to write (model.zip).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="tfserving", show_default=True,
-              help="Target: the TensorFlow Serving layout.")
+              help="Target: TensorFlow Serving layout, Triton model repository, or BioImage Model Zoo package.")
 @click.option("--name", default=None, help="Model name (URL part) [default: the run config's name].")
 @click.option("--version", "version", type=click.IntRange(min=0), default=None,
               help="Version number (tfserving/triton) [default: highest existing version + 1, or 1].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing version folder or package file.")
 def export_command(run_dir: Path, out: Path, fmt: str, name: Optional[str], version: Optional[int],
                    overwrite: bool):
-    """Export the SavedModel of RUN_DIR for TensorFlow Serving (OUT/<name>/<version>/).
+    """Export the SavedModel of RUN_DIR for TensorFlow Serving, Triton or the BioImage Model Zoo.
 
-    RUN_DIR is a run folder of `islkeras fit`/`transfer` (or a SavedModel folder, then --name is needed).
-    The signature `serving_default` takes raw images (the training input's dtype,
+    RUN_DIR is a run folder of `islkeras fit`/`transfer` (or a SavedModel folder, then --name is needed
+    for tfserving/triton). The signature `serving_default` takes raw images (the training input's dtype,
     NHWC, any height and width) and returns float32 predictions on the target's intensity scale.
 
     \b
     Examples:
       islkeras export runs/aiseg_nuclei_l1/20250101-120000 --out models/
       islkeras export runs/aiseg_nuclei_l1/20250101-120000 --out models/ --name nuclei --version 3
+      islkeras export runs/aiseg_nuclei_l1/20250101-120000 --format triton --out triton_models/
+      islkeras export runs/aiseg_nuclei_l1/20250101-120000 --format bioimageio --out nuclei.zip
       islkeras serve models/
     """
     _, message = export(fmt, run_dir, out, name=name, version=version, overwrite=overwrite)
