@@ -204,6 +204,21 @@ def _to_hwp(arr: np.ndarray, axes: str) -> np.ndarray:
     return np.moveaxis(arr.reshape(-1, h, w), 0, -1)  # (H, W, planes)
 
 
+def select_planes(arr: np.ndarray, spec, where: str) -> np.ndarray:
+    """The spec's z planes of an (H, W, planes) array (all of them for ``planes: "all"``)."""
+    planes = selected_planes(spec, arr.shape[-1], where)
+    return arr if spec.planes == "all" else arr[..., planes]
+
+
+def project(arr: np.ndarray, spec) -> np.ndarray:
+    """The spec's projection of an (H, W, planes) array: ``max``, ``mean`` (float32) or none."""
+    if spec.projection == "max":
+        return arr.max(axis=-1, keepdims=True)
+    if spec.projection == "mean":
+        return arr.astype(np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
+    return arr
+
+
 def read_channel(path: Path, spec, field: str, channel: str) -> np.ndarray:
     """Pixels of one channel as (H, W, planes) in its stored dtype; DataError on any problem."""
     import tifffile
@@ -224,14 +239,8 @@ def read_channel(path: Path, spec, field: str, channel: str) -> np.ndarray:
                 arr = s.asarray()
         except Exception as e:
             raise DataError(f"{where}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
-        arr = _to_hwp(np.asarray(arr), axes)
-        planes = selected_planes(spec, arr.shape[-1], where)
-        if spec.planes != "all":
-            arr = arr[..., planes]
-    if spec.projection == "max":
-        arr = arr.max(axis=-1, keepdims=True)
-    elif spec.projection == "mean":
-        arr = arr.astype(np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
+        arr = select_planes(_to_hwp(np.asarray(arr), axes), spec, where)
+    arr = project(arr, spec)
     target = _storage_dtype(arr.dtype)
     if arr.dtype != target:
         arr = arr.astype(target)

@@ -57,6 +57,21 @@ def run_config_info(run_dir: Union[str, Path]) -> Optional[dict]:
     return {"name": data["name"], "hash": digest}
 
 
+def model_name(run_dir: Path, src: Path, meta: dict, name: Optional[str] = None) -> str:
+    """The served model's name: ``name``, else the run config's name, else the SavedModel metadata's; checked
+    against ``NAME_RE`` (it becomes part of the URL). Shared by the TF Serving and Triton layouts."""
+    if name is None:
+        info = run_config_info(run_dir) or run_config_info(src.parent)
+        name = info["name"] if info is not None else (meta.get("config_name") or meta.get("name")
+                                                      or meta.get("model_name"))
+        if not name:
+            raise UserError(f"{run_dir}: no config.json beside the SavedModel (nor a name in its metadata) to take "
+                            "the model name from; pass --name")
+    if not NAME_RE.match(name):
+        raise UserError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it becomes part of the URL)")
+    return name
+
+
 def export_model(run_dir: Union[str, Path], model_base: Union[str, Path], name: Optional[str] = None,
                  version: Optional[int] = None, overwrite: bool = False) -> Path:
     """Copy the run's SavedModel to ``model_base/<name>/<version>/`` and return that folder.
@@ -70,13 +85,7 @@ def export_model(run_dir: Union[str, Path], model_base: Union[str, Path], name: 
     src = find_savedmodel(run_dir)
     meta = read_meta(src)
     info = run_config_info(run_dir) or run_config_info(src.parent)
-    if name is None:
-        name = info["name"] if info is not None else (meta.get("config_name") or meta.get("name"))
-        if not name:
-            raise UserError(f"{run_dir}: no config.json beside the SavedModel (nor a name in its metadata) to take "
-                            "the model name from; pass --name")
-    if not NAME_RE.match(name):
-        raise UserError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it becomes part of the URL)")
+    name = model_name(run_dir, src, meta, name)
     model_dir = Path(model_base) / name
     if version is None:
         version = next_version(model_dir)

@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 from islkeras import __version__
 from islkeras.errors import UserError
-from islkeras.export.serving import NAME_RE, existing_versions, next_version, run_config_info
+from islkeras.export.serving import existing_versions, model_name, next_version, run_config_info
 
 SIGNATURE = "serving_default"
 PLATFORM = "tensorflow_savedmodel"
@@ -117,13 +117,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], name: Optional[str]
     src = find_savedmodel(run_dir)
     meta = read_meta(src)
     info = run_config_info(run_dir) or run_config_info(src.parent)
-    if name is None:
-        name = info["name"] if info is not None else (meta.get("config_name") or meta.get("model_name"))
-        if not name:
-            raise UserError(f"{run_dir}: no config.json beside the SavedModel (nor a name in its metadata) to take "
-                            "the model name from; pass --name")
-    if not NAME_RE.match(name):
-        raise UserError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it becomes part of the URL)")
+    name = model_name(run_dir, src, meta, name)
     model_dir = out / name
     version = next_version(model_dir) if version is None else version
     if version < 1:

@@ -156,17 +156,10 @@ def pixel_size_text(frame: dict) -> str:
 
 
 def _apply_spec(arr: np.ndarray, spec, where: str) -> np.ndarray:
-    """The run's z planes and projection of one channel (as ``islkeras.data.tiff.read_channel`` does)."""
-    from islkeras.data.tiff import selected_planes
+    """The run's z planes and projection of one channel (the code ``islkeras.data.tiff.read_channel`` uses)."""
+    from islkeras.data.tiff import project, select_planes
 
-    planes = selected_planes(spec, arr.shape[-1], where)
-    if spec.planes != "all":
-        arr = arr[..., planes]
-    if spec.projection == "max":
-        arr = arr.max(axis=-1, keepdims=True)
-    elif spec.projection == "mean":
-        arr = arr.astype(np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
-    return arr
+    return project(select_planes(arr, spec, where), spec)
 
 
 def model_input(info: ModelInfo, layers: Sequence[LayerInput]) -> np.ndarray:
