@@ -104,3 +104,20 @@ def write_ome_zarr(path, data, channels, pixel_size=None, unit="micrometer"):
                       axes_units=[None, None, unit, unit, unit] if pixel_size is not None else None)
     w.write_full_volume(data)
     return path
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Import ``modules``; if one is missing, fail under CI=true (CI installs every extra) else skip, naming
+    the extra to install."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        for m in modules:
+            importlib.import_module(m)
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the {extra} tests need pip install -e '.[{extra}]' ({e})")
+        pytest.skip(f"{extra} extra not installed ({e})")

@@ -72,6 +72,20 @@ def model_name(run_dir: Path, src: Path, meta: dict, name: Optional[str] = None)
     return name
 
 
+def version_dir(model_dir: Path, version: Optional[int], overwrite: bool, lowest: int = 0,
+                rule: str = "versions are non-negative integers") -> tuple[int, Path]:
+    """``(version, model_dir/<version>)``: ``version`` or the next free one; an existing version folder is an
+    error unless ``overwrite``. Shared by the TF Serving and Triton layouts (Triton: ``lowest`` 1)."""
+    version = next_version(model_dir) if version is None else version
+    if version < lowest:
+        raise UserError(f"--version {version}: {rule}")
+    dst = model_dir / str(version)
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists (versions there: {existing_versions(model_dir)}); "
+                        "pass another --version, or --overwrite to replace it")
+    return version, dst
+
+
 def export_model(run_dir: Union[str, Path], model_base: Union[str, Path], name: Optional[str] = None,
                  version: Optional[int] = None, overwrite: bool = False) -> Path:
     """Copy the run's SavedModel to ``model_base/<name>/<version>/`` and return that folder.
@@ -87,14 +101,7 @@ def export_model(run_dir: Union[str, Path], model_base: Union[str, Path], name: 
     info = run_config_info(run_dir) or run_config_info(src.parent)
     name = model_name(run_dir, src, meta, name)
     model_dir = Path(model_base) / name
-    if version is None:
-        version = next_version(model_dir)
-    if version < 0:
-        raise UserError(f"--version {version}: versions are non-negative integers")
-    dst = model_dir / str(version)
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists (versions there: {existing_versions(model_dir)}); "
-                        "pass another --version, or --overwrite to replace it")
+    version, dst = version_dir(model_dir, version, overwrite)
     if src.resolve() == dst.resolve():
         raise UserError(f"{src} is already {dst}")
     extra = {"model_name": name, "model_version": version}

@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 from islkeras import __version__
 from islkeras.errors import UserError
-from islkeras.export.serving import existing_versions, model_name, next_version, run_config_info
+from islkeras.export.serving import model_name, run_config_info, version_dir
 
 SIGNATURE = "serving_default"
 PLATFORM = "tensorflow_savedmodel"
@@ -119,13 +119,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], name: Optional[str]
     info = run_config_info(run_dir) or run_config_info(src.parent)
     name = model_name(run_dir, src, meta, name)
     model_dir = out / name
-    version = next_version(model_dir) if version is None else version
-    if version < 1:
-        raise UserError(f"--version {version}: Triton versions are positive integers")
-    dst = model_dir / str(version)
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists (versions there: {existing_versions(model_dir)}); "
-                        "pass another --version, or --overwrite to replace it")
+    version, dst = version_dir(model_dir, version, overwrite, lowest=1, rule="Triton versions are positive integers")
     inputs, outputs = signature_tensors(src)
     config, cfg_file = config_pbtxt(name, inputs, outputs, meta), model_dir / "config.pbtxt"
     if cfg_file.is_file() and not overwrite:

@@ -13,9 +13,8 @@ import tifffile
 from islkeras.config import ChannelSpec, from_dict
 from islkeras.data import formats, tiff
 from islkeras.errors import DataError
-from testkit import write_ome_tiff, write_ome_zarr
+from testkit import require_extra, write_ome_tiff, write_ome_zarr
 
-CI = os.environ.get("CI", "").lower() == "true"
 NAMES = ["Brightfield", "DAPI", "GFP"]
 #: (T, C, Z, Y, X): every plane different, so a wrong channel, plane or time point shows
 DATA = np.random.default_rng(7).integers(0, 60000, (2, 3, 4, 24, 40)).astype(np.uint16)
@@ -28,15 +27,7 @@ def hwp(a):
 
 @pytest.fixture(scope="module")
 def bioio_plugins():
-    try:
-        import bioio  # noqa: F401
-        import bioio_czi  # noqa: F401
-        import bioio_ome_tiff  # noqa: F401
-        import bioio_ome_zarr  # noqa: F401
-    except ImportError as e:
-        if CI:
-            pytest.fail(f"the formats tests need pip install -e '.[formats]' ({e})")
-        pytest.skip(f"formats extra not installed ({e})")
+    require_extra("formats", "bioio", "bioio_czi", "bioio_ome_tiff", "bioio_ome_zarr")
 
 
 # ------------------------------------------------------------------------------------------ the readers

@@ -22,20 +22,15 @@ import pytest
 from click.testing import CliRunner
 
 from islkeras.errors import UserError
+from testkit import require_extra
 
 pytestmark = pytest.mark.bioimageio
 PROJECT = Path(__file__).resolve().parents[2]
-CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _bioimageio_installed():
-    try:
-        import bioimageio.core  # noqa: F401
-    except ImportError as e:
-        if CI:
-            pytest.fail(f"the bioimageio tests need pip install -e '.[bioimageio]' ({e})")
-        pytest.skip(f"bioimageio extra not installed ({e})")
+    require_extra("bioimageio", "bioimageio.core")
 
 
 # ------------------------------------------------------------------------------------------- runs

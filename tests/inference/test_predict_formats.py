@@ -2,7 +2,6 @@
 each input channel picked by its name in the file (the run's data.channels.<name>.channel, or --file-channel)."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -11,21 +10,14 @@ from click.testing import CliRunner
 
 from islkeras.errors import DataError
 from islkeras.inference.fields import find_inputs, input_specs, read_input
-from testkit import META, export_tiny, write_ome_tiff, write_ome_zarr
+from testkit import META, export_tiny, require_extra, write_ome_tiff, write_ome_zarr
 
 pytestmark = pytest.mark.formats
-CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def bioio_plugins():
-    try:
-        import bioio_ome_tiff  # noqa: F401
-        import bioio_ome_zarr  # noqa: F401
-    except ImportError as e:
-        if CI:
-            pytest.fail(f"the formats tests need pip install -e '.[formats]' ({e})")
-        pytest.skip(f"formats extra not installed ({e})")
+    require_extra("formats", "bioio_ome_tiff", "bioio_ome_zarr")
 
 
 @pytest.fixture(scope="module")
