@@ -1,21 +1,23 @@
 """Tiled whole-field prediction: overhead over the bare network, and peak memory vs field size.
 
-    /work/venv/bin/python benchmarks/predict.py [--size 2048] [--tile 512] [--overlap 64] [--batch 4]
-        [--repeats 2] [--mem-sizes 2048 4096] [--backbone densenet121 | --plain-unet] [--skip-memory]
+    python benchmarks/predict.py [--sizes 2048 4096] [--tile 512] [--overlap 64] [--batch 4] [--repeats 2]
+        [--mem-sizes 2048 4096] [--backbone densenet121 | --plain-unet] [--skip-memory] [--no-whole]
 
 Prints one JSON object. Model: segmentation-models U-Net with a DenseNet121 encoder, random init, 1 input
 and 1 output channel, exported with ``islkeras.models.savedmodel.export_savedmodel`` and loaded as an
 ``ExportedModel``. Field: real aiseg bright-field (fov_002, 1024^2 uint8) tiled to the size asked for
 (random uint8 when the shared data is missing).
 
-* ``timing``: ``islkeras.inference.tiling.predict_field`` on a ``size``^2 field (whole-field normalisation,
-  reflection padding, tiling, blending, mapping to the target scale) against the bare forward pass
-  (``ExportedModel.predict_normalized``) over the same number of tiles of the same size in the same
-  batches, after one warm-up of each; runs alternate (bare, tiled, bare, tiled...) so machine load hits
-  both alike; ``ratio`` = min(tiled) / min(bare). Target (issue 4): <= 1.15. On a loaded machine the
-  two timings drift by +-10%, so ``tiled_outside_network_s`` also reports the time ``predict_field`` spends
-  outside the network (normalising, padding, cutting tiles, blending, scaling) -- the load-independent
-  overhead; ``outside_network_fraction`` is its share of the tiled time.
+* ``timing``: ``islkeras.inference.tiling.predict_field`` at the default settings on a field of each of
+  ``--sizes`` (whole-field normalisation, reflection padding, the tile grid of ``grid_plan``, blending,
+  mapping to the target scale), against (a) one bare forward pass (``ExportedModel.predict_normalized``)
+  over the WHOLE padded field at once (``ratio_vs_whole_field``; issue 16's target <= 1.15; reported as
+  not run when the whole field does not fit) and (b) the bare forward passes over the same tiles in the
+  same batches (``ratio_vs_same_tiles``: the overhead of tiling itself). ``computed_pixels_over_field_pixels``
+  is what the grid computes (issue 16: <= 1.15). One warm-up of each, then runs alternate (bare, tiled,
+  whole, bare...) so machine load hits all alike; ratios of the minima. ``tiled_outside_network_s`` is the
+  time ``predict_field`` spends outside the network (normalising, padding, cutting tiles, blending,
+  scaling) -- the load-independent overhead.
 * ``memory``: one fresh subprocess per size. It loads the model and warms up on one batch of tiles (so the
   network's activation memory for a batch of tiles is in the peak), then predicts the field. Reported:
   ``field_bytes`` (the raw image), ``tracemalloc_peak`` (numpy/Python allocations during ``predict_field``:
@@ -89,21 +91,25 @@ def peak_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def timing(model_dir: Path, size: int, tile: int, overlap: int, batch: int, repeats: int) -> dict:
+def timing(model_dir: Path, size: int, tile: int, overlap: int, batch: int, repeats: int, whole: bool = True) -> dict:
     from islkeras.models.savedmodel import ExportedModel
-    from islkeras.inference.tiling import predict_field, tile_plan
+    from islkeras.inference.tiling import grid_plan, predict_field
 
     em = ExportedModel(model_dir)
     field = make_field(size)
-    rows, cols = tile_plan(size, size, tile, overlap)
-    n_tiles = len(rows.starts) * len(cols.starts)
+    grid = grid_plan(size, size, tile, overlap, batch)
+    rows, cols, n_tiles = grid.rows, grid.cols, grid.n_tiles
     rng = np.random.default_rng(0)
-    batches = [rng.standard_normal((min(batch, n_tiles - b), rows.tile, cols.tile, 1), np.float32)
-               for b in range(0, n_tiles, batch)]
+    batches = [rng.standard_normal((min(grid.batch, n_tiles - b), rows.tile, cols.tile, 1), np.float32)
+               for b in range(0, n_tiles, grid.batch)]
+    whole_x = rng.standard_normal((1, rows.size, cols.size, 1), np.float32)
 
     def bare():
         for b in batches:
             em.predict_normalized(b)
+
+    def bare_whole():  # one forward pass over the whole (padded) field: the reference of issue 16
+        em.predict_normalized(whole_x)
 
     in_model = [0.0]
     forward = em.predict_normalized
@@ -121,26 +127,44 @@ def timing(model_dir: Path, size: int, tile: int, overlap: int, batch: int, repe
         finally:
             em.predict_normalized = forward
 
+    runs = [("bare", bare, []), ("tiled", tiled, [])]
+    whole_error = None
+    if whole:
+        try:
+            bare_whole()
+            runs.append(("whole", bare_whole, []))
+        except Exception as e:  # the whole field does not fit: the minimal tiling is the reference
+            whole_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     bare()
     tiled()  # warm-up (graph/kernels, allocator)
-    t_bare, t_tiled, outside = [], [], []
+    outside = []
     for _ in range(repeats):
-        for fn, acc in ((bare, t_bare), (tiled, t_tiled)):
+        for name, fn, acc in runs:
             in_model[0] = 0.0
             t0 = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t0)
-        outside.append(t_tiled[-1] - in_model[0])
-    return {
-        "size": size, "tile": tile, "overlap": overlap, "batch": batch, "n_tiles": n_tiles,
-        "tile_pixels_over_field_pixels": round(n_tiles * rows.tile * cols.tile / size ** 2, 3),
-        "bare_forward_s": [round(t, 3) for t in t_bare], "tiled_predict_s": [round(t, 3) for t in t_tiled],
-        "ratio": round(min(t_tiled) / min(t_bare), 3),
-        "ratio_median": round(float(np.median(t_tiled) / np.median(t_bare)), 3),
-        "tiled_outside_network_s": [round(t, 3) for t in outside],
-        "outside_network_fraction": round(float(np.median(outside) / np.median(t_tiled)), 4),
+            if name == "tiled":
+                outside.append(acc[-1] - in_model[0])
+    t = {k: acc for k, _, acc in runs}
+    res = {
+        "size": size, "tile": tile, "overlap": overlap, "batch": batch,
+        "grid": f"{len(rows.starts)} x {len(cols.starts)} tiles of {rows.tile} x {cols.tile}, {grid.batch} per pass",
+        "n_tiles": n_tiles,
+        "computed_pixels_over_field_pixels": round(grid.computed_pixels() / size ** 2, 3),
+        "bare_forward_same_tiles_s": [round(x, 3) for x in t["bare"]],
+        "tiled_predict_s": [round(x, 3) for x in t["tiled"]],
+        "ratio_vs_same_tiles": round(min(t["tiled"]) / min(t["bare"]), 3),
+        "tiled_outside_network_s": [round(x, 3) for x in outside],
+        "outside_network_fraction": round(float(np.median(outside) / np.median(t["tiled"])), 4),
         "target_ratio": 1.15,
     }
+    if "whole" in t:
+        res["bare_forward_whole_field_s"] = [round(x, 3) for x in t["whole"]]
+        res["ratio_vs_whole_field"] = round(min(t["tiled"]) / min(t["whole"]), 3)
+    else:
+        res["whole_field_pass"] = whole_error or "skipped"
+    return res
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -190,7 +214,8 @@ def memory(model_dir: Path, sizes, tile, overlap, batch) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--size", type=int, default=2048, help="field size of the memory child")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="field sizes timed")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
@@ -201,6 +226,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="an exported SavedModel to use instead of building one")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--no-whole", action="store_true", help="skip the whole-field reference pass")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child_memory:
@@ -220,7 +246,8 @@ def main(argv=None):
             "export_s": round(export_s, 1),
         }
         if not a.skip_timing:
-            res["timing"] = timing(model_dir, a.size, a.tile, a.overlap, a.batch, a.repeats)
+            res["timing"] = [timing(model_dir, s, a.tile, a.overlap, a.batch, a.repeats, not a.no_whole)
+                             for s in a.sizes]
         if not a.skip_memory:
             res["memory"] = memory(model_dir, a.mem_sizes, a.tile, a.overlap, a.batch)
             ok = [m for m in res["memory"] if "error" not in m]

@@ -180,3 +180,76 @@ def offset_scale_of_image(img: np.ndarray, method: str, percentiles: Sequence[fl
     else:
         raise ValueError(f"unknown normalisation {method!r}; expected one of {', '.join(METHODS)}")
     return off.astype(np.float32), np.maximum(sc, EPS).astype(np.float32)
+
+
+def offset_scale_of_blocks(blocks, method: str, percentiles: Sequence[float] = (1.0, 99.8),
+                           dataset: Optional[Mapping] = None, total_pixels: Optional[int] = None,
+                           max_float_samples: int = 1 << 24):
+    """``offset_scale_of_image`` of a field given as an iterable of ``(h, w, C)`` blocks that tile it (a field
+    read region by region), with memory bounded by one block.
+
+    zscore merges per-block mean and squared deviations (Chan et al.'s parallel variance, float64); minmax
+    keeps running extremes; percentile is exact for integer pixels (a histogram of every value) and, for float
+    pixels, exact up to ``max_float_samples`` pixels, else (``total_pixels`` given) taken from every k-th pixel
+    of each block, about ``max_float_samples`` in all (said in a warning).
+    """
+    if method == "dataset":
+        return offset_scale({}, method, percentiles, dataset)
+    if method not in METHODS:
+        raise ValueError(f"unknown normalisation {method!r}; expected one of {', '.join(METHODS)}")
+    n, mean, m2, lo, hi, hist, base, floats = 0, None, None, None, None, None, None, []
+    for b in blocks:
+        b = b[..., None] if b.ndim == 2 else b
+        flat = b.reshape(-1, b.shape[-1])
+        k = flat.shape[0]
+        if method == "zscore":
+            bm = flat.mean(axis=0, dtype=np.float64)
+            bm2 = ((flat - bm) ** 2).sum(axis=0, dtype=np.float64)
+            if mean is None:
+                n, mean, m2 = k, bm, bm2
+            else:
+                d = bm - mean
+                tot = n + k
+                mean = mean + d * (k / tot)
+                m2 = m2 + bm2 + d * d * (n * k / tot)
+                n = tot
+        elif method == "minmax":
+            bl, bh = flat.min(axis=0).astype(np.float64), flat.max(axis=0).astype(np.float64)
+            lo = bl if lo is None else np.minimum(lo, bl)
+            hi = bh if hi is None else np.maximum(hi, bh)
+        elif flat.dtype.kind in "uib":
+            base = int(np.iinfo(flat.dtype).min) if flat.dtype.kind == "i" else 0
+            if hist is None:
+                span = int(np.iinfo(flat.dtype).max) - base + 1 if flat.dtype.kind != "b" else 2
+                hist = np.zeros((flat.shape[1], span), np.int64)
+            for c in range(flat.shape[1]):
+                hist[c] += np.bincount(flat[:, c].astype(np.int64) - base, minlength=hist.shape[1])
+            n += k
+        else:
+            stride = -(-int(total_pixels) // max_float_samples) if total_pixels else 1
+            floats.append(flat[::stride].astype(np.float32))
+    if method == "zscore":
+        return mean.astype(np.float32), np.maximum(np.sqrt(m2 / max(n, 1)), EPS).astype(np.float32)
+    if method == "minmax":
+        return lo.astype(np.float32), np.maximum(hi - lo, EPS).astype(np.float32)
+    if hist is not None:
+        cum = np.cumsum(hist, axis=1)
+        total = cum[:, -1]
+        out = []
+        for q in percentiles:  # numpy's 'linear' percentile from the ranks floor(pos) and floor(pos) + 1
+            pos = q / 100.0 * (total - 1)
+            r0 = np.floor(pos).astype(np.int64)
+            r1 = np.minimum(r0 + 1, total - 1)
+            v0 = np.array([np.searchsorted(cum[c], r0[c], side="right") for c in range(len(total))]) + base
+            v1 = np.array([np.searchsorted(cum[c], r1[c], side="right") for c in range(len(total))]) + base
+            out.append(v0 + (pos - r0) * (v1 - v0))
+        lo_v, hi_v = out
+    else:
+        flat = np.concatenate(floats)
+        if total_pixels and total_pixels > max_float_samples:
+            import logging
+
+            logging.getLogger(__name__).warning("percentile normalisation of a float field of %d pixels from a "
+                                                "regular subsample of %d", total_pixels, flat.shape[0])
+        lo_v, hi_v = np.percentile(flat.astype(np.float64), list(percentiles), axis=0)
+    return np.asarray(lo_v, np.float32), np.maximum(np.asarray(hi_v) - lo_v, EPS).astype(np.float32)

@@ -162,6 +162,12 @@ class ExportedModel:
         n = self.meta["normalization"]
         return N.offset_scale_of_image(image, n["method"], n.get("percentiles", [1.0, 99.8]), n.get("input_dataset"))
 
+    def offset_scale_of_blocks(self, blocks, total_pixels=None):
+        """``offset_scale`` of a field given as blocks that tile it (read region by region)."""
+        n = self.meta["normalization"]
+        return N.offset_scale_of_blocks(blocks, n["method"], n.get("percentiles", [1.0, 99.8]),
+                                        n.get("input_dataset"), total_pixels=total_pixels)
+
     def normalize(self, image: np.ndarray) -> np.ndarray:
         off, sc = self.offset_scale(image)
         return N.normalize_np(image, off, sc)

@@ -111,7 +111,8 @@ class _ModelWidget(QWidget):
         self.tile.setRange(32, 8192)
         self.tile.setSingleStep(32)
         self.tile.setValue(512)
-        self.tile.setToolTip("Tile height/width in pixels (multiple of 32); smaller uses less memory")
+        self.tile.setToolTip("Memory bound: 4 tiles of this size per forward pass (multiple of 32); smaller uses less "
+                             "memory. The grid itself is chosen to compute the fewest pixels within it")
         self.overlap = QSpinBox()
         self.overlap.setRange(0, 4096)
         self.overlap.setSingleStep(32)

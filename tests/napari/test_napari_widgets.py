@@ -33,7 +33,7 @@ def test_predict_widget_equals_islkeras_predict(make_napari_viewer, qtbot, isl_r
     from click.testing import CliRunner
 
     from islkeras.cli import cli
-    from islkeras.inference.tiling import tile_plan
+    from islkeras.inference.tiling import DEFAULT_BATCH, grid_plan
 
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((48, 48), np.uint16), name="decoy")
@@ -63,9 +63,9 @@ def test_predict_widget_equals_islkeras_predict(make_napari_viewer, qtbot, isl_r
         assert lay.colormap.name == cmap and lay.blending == "additive"
         lo, hi = np.percentile(want[i], (0.5, 99.9))
         assert lay.contrast_limits == pytest.approx([lo, hi], rel=1e-5)
-    rows, cols = tile_plan(*field.shape, TILE, OVERLAP)
-    n_tiles = len(rows.starts) * len(cols.starts)
-    assert n_tiles > 4 and ticks[-1] == (n_tiles, n_tiles) and len(ticks) == -(-n_tiles // 4)
+    grid = grid_plan(*field.shape, TILE, OVERLAP, DEFAULT_BATCH)
+    n_tiles = grid.n_tiles
+    assert n_tiles > 1 and ticks[-1] == (n_tiles, n_tiles) and len(ticks) == -(-n_tiles // grid.batch)
     assert widget.status.text() == ("added nuclei (predicted), tubulin (predicted); "
                                     "pixel size: 0.65 x 0.65 (from the layer's scale)")
     # predicting again from the same layer replaces its layers instead of stacking copies
