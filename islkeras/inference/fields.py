@@ -31,10 +31,11 @@ import numpy as np
 from islkeras.data.formats import is_image_path, suffix_of
 from islkeras.errors import DataError, UserError
 from islkeras.training.run import run_config_of
-from islkeras.inference.tiling import check_image
+from islkeras.utils import _umask
+from islkeras.inference.tiling import check_image, predict_field
 
 __all__ = ["parse_planes", "input_specs", "InputItem", "find_inputs", "read_input", "output_names", "to_uint16",
-           "write_prediction", "unique_names"]
+           "write_prediction", "unique_names", "FieldSettings", "FieldResult", "predict_one", "failure_message"]
 
 
 # ------------------------------------------------------------------------------------- input layout
@@ -311,7 +312,11 @@ def write_prediction(path: Union[str, Path], pred: np.ndarray, channel_names: Se
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, np.ascontiguousarray(arr), imagej=True, metadata=meta)
+        with open(tmp, "wb") as f:  # complete on disk before it gets its name (a worker may die next)
+            tifffile.imwrite(f, np.ascontiguousarray(arr), imagej=True, metadata=meta)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: others on a shared filesystem could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -329,3 +334,74 @@ def unique_names(items: Sequence[InputItem]) -> list[str]:
         seen[base] = k
         out.append(base if k == 1 else f"{base}_{k}")
     return out
+
+
+# ------------------------------------------------------------------------------- one field, end to end
+@dataclass(frozen=True)
+class FieldSettings:
+    """What every field of one ``islkeras predict`` shares (picklable: sent to Dask workers as is)."""
+
+    out: Path  #: output folder; a field is written to ``out/<name>_prediction.tif``
+    specs: Mapping  #: ``{input channel: ChannelSpec}`` (``input_specs``)
+    labels: tuple  #: output channel names (``output_names``)
+    dtype: str = "float32"
+    kind: str = "isl"
+    tile: int = 512
+    overlap: int = 64
+    batch: int = 4
+    tta: bool = False
+    output_format: str = "tiff"  #: "tiff" (in memory) or "ome-zarr" (streamed tile by tile, flat memory)
+
+    def target(self, name: str) -> Path:
+        suffix = ".ome.zarr" if self.output_format == "ome-zarr" else ".tif"
+        return Path(self.out) / f"{name}_prediction{suffix}"
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    """The outcome of one field: ``ok`` and a note (clipped pixels), or the one-line error ``message``."""
+
+    name: str
+    ok: bool
+    message: str = ""  #: the error (ok False) or a note for the user (ok True), "" when there is nothing to say
+
+
+def failure_message(item: InputItem, exc: BaseException) -> str:
+    """The one-line error of a field that failed, naming its file (the same text serial and on Dask)."""
+    if isinstance(exc, UserError):
+        msg = exc.format_message()
+        return msg if str(item.path) in msg else f"{item.path}: {msg}"  # name the file (NaN pixels...)
+    if isinstance(exc, MemoryError):
+        return f"{item.path}: not enough memory (try a smaller --tile or --batch)"
+    return f"{item.path}: prediction failed ({type(exc).__name__}: {exc})"
+
+
+def predict_one(model, item: InputItem, name: str, settings: FieldSettings) -> FieldResult:
+    """Read, predict and write (atomically) one field: the body of ``islkeras predict``'s serial loop and
+    of its Dask task. Never raises for a bad field: the error comes back as ``FieldResult(ok=False)``."""
+    try:
+        if settings.output_format == "ome-zarr":
+            _predict_streamed(model, item, name, settings)
+            return FieldResult(name, True, "")
+        image = read_input(item, settings.specs, model.n_inputs)
+        pred = predict_field(model, image, tile=settings.tile, overlap=settings.overlap, batch=settings.batch,
+                             tta=settings.tta)
+        clipped = write_prediction(settings.target(name), pred, settings.labels, settings.dtype, settings.kind)
+    except Exception as e:  # keep going: one bad file must not stop the others
+        return FieldResult(name, False, failure_message(item, e))
+    note = f"{item.path}: {clipped} pixel(s) outside 0..65535 clipped for uint16" if clipped else ""
+    return FieldResult(name, True, note)
+
+
+def _predict_streamed(model, item: InputItem, name: str, settings: FieldSettings) -> None:
+    """One field into ``<name>_prediction.ome.zarr`` tile by tile: an OME-Zarr input is read region by region
+    (flat memory for any size), any other input is read whole first."""
+    from islkeras.inference.streaming import ArraySource, open_source, predict_streamed
+
+    if item.error:
+        raise DataError(item.error)
+    source = open_source(item.path, settings.specs, model.n_inputs) if item.kind == "file" else None
+    if source is None:
+        source = ArraySource(read_input(item, settings.specs, model.n_inputs), str(item.path))
+    predict_streamed(model, source, settings.target(name), settings.labels, tile=settings.tile,
+                     overlap=settings.overlap, batch=settings.batch)

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from islkeras.errors import UserError
-from islkeras.inference.fields import InputItem, find_inputs, input_specs, output_names, read_input, unique_names
-from islkeras.inference.fields import write_prediction
-from islkeras.inference.tiling import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, predict_field
+from islkeras.inference.fields import FieldResult, FieldSettings, InputItem, find_inputs, input_specs, output_names
+from islkeras.inference.fields import predict_one, unique_names
+from islkeras.inference.tiling import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -23,10 +23,13 @@ from islkeras.inference.tiling import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TI
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder (created): one <name>_prediction.tif per field.")
 @click.option("--tile", default=DEFAULT_TILE, show_default=True,
-              help="Tile height/width in pixels (multiple of 32). Larger = faster, more memory.")
+              help="Memory bound: at most --batch tiles of this size (multiple of 32) per forward pass. The grid "
+                   "is chosen within it to compute the fewest pixels (tiles may be larger or non-square; a field "
+                   "that fits is one pass). Larger = faster, more memory.")
 @click.option("--overlap", default=DEFAULT_OVERLAP, show_default=True,
               help="Minimum overlap of neighbouring tiles in pixels; blended with a smooth window.")
-@click.option("--batch", default=DEFAULT_BATCH, show_default=True, help="Tiles per forward pass.")
+@click.option("--batch", default=DEFAULT_BATCH, show_default=True,
+              help="Tiles of --tile size per forward pass (the memory bound is batch x tile x tile pixels).")
 @click.option("--dtype", type=click.Choice(["float32", "uint16"]), default="float32", show_default=True,
               help="float32: the prediction on the training target's intensity scale. "
                    "uint16: clip(round(prediction), 0, 65535) (segmentation: round(p * 65535)).")
@@ -43,8 +46,19 @@ from islkeras.inference.tiling import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TI
               help="Time point of a time-lapse file (default 0).")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the predictions of the 8 rot90/flip "
                                           "symmetries of each field (8x the time).")
+@click.option("--output-format", "output_format", type=click.Choice(["tiff", "ome-zarr"]), default="tiff",
+              show_default=True,
+              help="ome-zarr: write OUT/<name>_prediction.ome.zarr tile by tile (float32, NGFF 0.4); an OME-Zarr "
+                   "input is also read tile by tile, so memory stays flat for fields of any size.")
+@click.option("--dask", "dask", default=None, metavar="ADDRESS",
+              help="Predict the fields on a running Dask cluster: its scheduler's address (tcp://HOST:8786). "
+                   "Workers need islkeras, and the model, inputs and --out on a shared filesystem. Extra [dask].")
+@click.option("--workers", default=0, show_default=True, metavar="N",
+              help="Predict the fields on N local Dask worker processes (0: in this process). Extra [dask].")
+@click.option("--dask-timeout", default=10.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the --dask scheduler to answer.")
 def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel_files, planes, projection,
-                    file_channels, times, tta):
+                    file_channels, times, tta, output_format, dask, workers, dask_timeout):
     """Predict fluorescence for whole fields with a trained model, microscope files in -> TIFF out.
 
     MODEL is a run folder (runs/<name>/<stamp>) or a SavedModel folder. Each INPUT is an image file (TIFF,
@@ -80,56 +94,78 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
     reported and skipped; the others are still predicted and the exit code is 1.
 
     \b
+    Huge fields (stitched wells, slide scans): --output-format ome-zarr predicts tile by tile into
+    OUT/<name>_prediction.ome.zarr (the same tiles, normalisation and blending as the TIFF output); an
+    OME-Zarr input is read only where the tiles are, so peak memory depends on --tile/--batch, not on the
+    field. The image gets its name only when complete (a temporary .<name>*.partial folder until then).
+
+    \b
+    Many fields: --workers N predicts them on N local worker processes, --dask tcp://HOST:8786 on a running
+    Dask cluster (docs/dask.md); each worker loads the model once and writes its fields itself. A field
+    whose worker dies is retried on another one; fields already written are not written again.
+
+    \b
     Examples:
       islkeras predict runs/aiseg_nuclei_l1/20250101-120000 /data/plate1/ --out predictions/
       islkeras predict runs/x/20250101-120000/savedmodel "my scans/field 1.tif" --out "out dir" --dtype uint16
       islkeras predict runs/neurons/20250101-120000 A4/phase.tif --planes 0-12 --out preds/ --tile 256
       islkeras predict runs/x/20250101-120000 plate1.czi --file-channel "TL Brightfield" --planes 3 --out preds/
+      islkeras predict runs/x/20250101-120000 /shared/plate1/ --out /shared/preds/ --dask tcp://head:8786
+      islkeras predict runs/x/20250101-120000 well_A1.ome.zarr --out preds/ --output-format ome-zarr
     """
     import sys
 
     from tqdm.auto import tqdm
 
-    from islkeras.models.savedmodel import ExportedModel
     from islkeras.utils import progress
 
     check_tiling(tile, overlap)
     if batch < 1:
         raise UserError(f"--batch {batch}: must be >= 1")
-    em = ExportedModel(model)
+    if output_format == "ome-zarr" and (tta or dtype != "float32"):
+        raise UserError(f"--output-format ome-zarr writes float32 tile by tile: "
+                        f"{'--tta' if tta else '--dtype ' + dtype} needs the TIFF output (--output-format tiff)")
+    if dask and workers:
+        raise UserError(f"--dask {dask} and --workers {workers}: give one of them (a running cluster, or N local "
+                        "worker processes)")
+    if workers < 0:
+        raise UserError(f"--workers {workers}: must be >= 0 (0: predict in this process)")
+    if dask or workers:  # the model is loaded by the workers; here only its metadata is read
+        from islkeras.inference.distributed import model_info
+
+        em = model_info(model)
+    else:
+        from islkeras.models.savedmodel import ExportedModel
+
+        em = ExportedModel(model)
     specs = input_specs(em, channel_files, planes, projection, file_channels, times)
     items = find_inputs(inputs, specs)
     if not items:
         raise UserError("no inputs to predict")
     names = unique_names(items)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = output_names(em.meta)
-    failed: list[tuple[InputItem, str]] = []
-    done = 0
-    bar = progress(list(zip(items, names)), desc="predict", unit="field")
-    for item, name in bar:
-        try:
-            image = read_input(item, specs, em.n_inputs)
-            pred = predict_field(em, image, tile=tile, overlap=overlap, batch=batch, tta=tta)
-            target = out / f"{name}_prediction.tif"
-            clipped = write_prediction(target, pred, labels, dtype, em.meta.get("kind", "isl"))
-            if clipped:
-                tqdm.write(f"{item.path}: {clipped} pixel(s) outside 0..65535 clipped for uint16", file=sys.stderr)
-            done += 1
-        except UserError as e:
-            msg = e.format_message()
-            msg = msg if str(item.path) in msg else f"{item.path}: {msg}"  # name the file (NaN pixels...)
-            failed.append((item, msg))
-            tqdm.write(f"error: {msg}", file=sys.stderr)
-        except MemoryError:
-            msg = f"{item.path}: not enough memory (try a smaller --tile or --batch)"
-            failed.append((item, msg))
-            tqdm.write(f"error: {msg}", file=sys.stderr)
-        except Exception as e:  # keep going: one bad file must not stop the others
-            msg = f"{item.path}: prediction failed ({type(e).__name__}: {e})"
-            failed.append((item, msg))
-            tqdm.write(f"error: {msg}", file=sys.stderr)
-    click.echo(f"predicted {done} of {len(items)} input(s) -> {out}")
+    settings = FieldSettings(out=out, specs=specs, labels=tuple(output_names(em.meta)), dtype=dtype,
+                             kind=em.meta.get("kind", "isl"), tile=tile, overlap=overlap, batch=batch, tta=tta,
+                             output_format=output_format)
+    failed: set[int] = set()  # id() of the failed items (reported as they finish, summed up in input order)
+
+    def report(item: InputItem, res: FieldResult) -> None:
+        if not res.ok:
+            failed.add(id(item))
+            tqdm.write(f"error: {res.message}", file=sys.stderr)
+        elif res.message:
+            tqdm.write(res.message, file=sys.stderr)
+
+    if dask or workers:
+        from islkeras.inference.distributed import predict_on_dask
+
+        predict_on_dask(em.path, items, names, settings, report, address=dask, workers=workers,
+                        timeout=dask_timeout)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for item, name in progress(list(zip(items, names)), desc="predict", unit="field"):
+            report(item, predict_one(em, item, name, settings))
+    click.echo(f"predicted {len(items) - len(failed)} of {len(items)} input(s) -> {out}")
     if failed:
-        raise UserError(f"{len(failed)} of {len(items)} input(s) failed: " + "; ".join(str(i.path) for i, _ in failed))
+        raise UserError(f"{len(failed)} of {len(items)} input(s) failed: "
+                        + "; ".join(str(i.path) for i in items if id(i) in failed))
