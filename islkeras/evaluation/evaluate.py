@@ -26,6 +26,10 @@ ssim_z, psnr_z, nrmse_z     on the **z-scored scale**: target and prediction bot
                             (so ``nrmse_z`` of a whole field is the RMSE in units of the field's std)
 empty, above_fraction       empty = fewer than ``pipeline.empty_fraction`` of the target's pixels are above
                             the field's stored (Otsu) ``threshold``; above_fraction is that fraction
+ceiling                     the target's noise ceiling: PCC of the target with its Gaussian-smoothed self
+                            (``--ceiling-sigma``, default 2 px; ``metrics.noise_ceiling``): about what a
+                            noise-free prediction of a noisy stain can reach
+pcc_over_ceiling            pcc / ceiling: near 1 = limited by the stain's noise, well below = the model fails
 mask_jaccard                Jaccard of nucleus masks from prediction vs target
                             (``islkeras.segmentation.metrics.mask_jaccard_from_fluorescence``), NaN when disabled
                             or unavailable
@@ -129,12 +133,14 @@ def _predict_crops(model, x, boxes, batch):
 def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: bool = True,
                  crops: Optional[int] = None, *, tile: int = 512, overlap: int = 64, batch: int = 4,
                  mask_jaccard: bool = True, out_dir: Union[str, Path, None] = None, write: bool = True,
-                 n_panels: int = N_PANELS, tta: bool = False):
+                 n_panels: int = N_PANELS, tta: bool = False, ceiling_sigma: float = 2.0):
     """Predict ``split`` of a run and return the per-image metrics (pandas DataFrame; module doc).
 
     ``crops=N`` evaluates N deterministic crops per field instead of whole fields. With ``write`` the
     table, ``summary.json`` and figures go to ``out_dir`` (default ``RUN_DIR/evaluate/<split>``).
     ``tta``: whole fields predicted with test-time augmentation (``predict_field(tta=True)``).
+    ``ceiling_sigma``: the Gaussian of the noise ceiling (``metrics.noise_ceiling``; columns ``ceiling`` and
+    ``pcc_over_ceiling``).
     """
     import pandas as pd
 
@@ -153,6 +159,8 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
         crops = 1
     if tta and not whole_fields:
         raise UserError("--tta works on whole fields; drop --crops")
+    if not np.isfinite(ceiling_sigma) or ceiling_sigma <= 0:
+        raise UserError(f"--ceiling-sigma {ceiling_sigma}: must be a positive number of pixels")
     run, cfg, model = load_run(run_dir)
     inputs, targets = list(model.meta["inputs"]), list(model.meta["targets"])
     manifest = ensure_records(cfg)
@@ -186,6 +194,8 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
                 row = {"split": split, "field": fld.name, "image": image_id, "y0": y0, "x0": x0,
                        "height": ih, "width": iw, "channel": labels[k]}
                 row.update(M.image_metrics(p, tgt, M.default_data_range(tgt, tgt.dtype)))
+                row["ceiling"] = M.noise_ceiling(tgt, ceiling_sigma)
+                row["pcc_over_ceiling"] = row["pcc"] / row["ceiling"] if row["ceiling"] > 0 else float("nan")
                 mean, std = float(st["mean"][plane]), max(float(st["std"][plane]), 1e-6)
                 tz = (tgt.astype(np.float64) - mean) / std
                 pz = (p.astype(np.float64) - mean) / std
@@ -201,7 +211,8 @@ def evaluate_run(run_dir: Union[str, Path], split: str = "test", whole_fields: b
                                "target": fld.arrays[layout[0][0]][y0:y0 + ih, x0:x0 + iw, layout[0][1]],
                                "prediction": pred[..., 0], "channel": labels[0]})
     df = pd.DataFrame(rows)
-    df.attrs.update(run=str(run), split=split, mode=("whole+tta" if tta else "whole") if whole_fields else f"crops:{crops}")
+    df.attrs.update(run=str(run), split=split, ceiling_sigma=float(ceiling_sigma),
+                    mode=("whole+tta" if tta else "whole") if whole_fields else f"crops:{crops}")
     if write:
         write_evaluation(run, df, panels, out_dir or run / EVAL_DIR / split, cfg, model,
                          whole_fields=whole_fields, crops=crops, tta=tta)
@@ -238,7 +249,7 @@ def write_evaluation(run: Path, df, panels, out_dir, cfg, model, whole_fields=Tr
         "run": str(run), "name": cfg.name, "split": df.attrs.get("split"),
         "mode": ("whole fields" + (", test-time augmentation (8 symmetries)" if tta else "")) if whole_fields
                 else f"{crops} crop(s) of {cfg.pipeline.crop_size} per field",
-        "tta": tta,
+        "tta": tta, "ceiling_sigma": df.attrs.get("ceiling_sigma"),
         "architecture": R.architecture_label(cfg), "loss": cfg.loss.kind,
         "n_fields": int(df["field"].nunique()) if len(df) else 0,
         "n_images": int(df["image"].nunique()) if len(df) else 0,
@@ -295,8 +306,12 @@ def summary_lines(df) -> list[str]:
             return "n/a" if s["mean"] is None else f"{s['mean']:.3f} +- {s['std']:.3f} (n={s['n']})"
 
         ps = M.summary_stats(sub["psnr"])["mean"]
+        ceil = ""
+        if "pcc_over_ceiling" in sub:
+            c, r = M.summary_stats(sub["ceiling"])["mean"], M.summary_stats(sub["pcc_over_ceiling"])["mean"]
+            ceil = "" if c is None or r is None else f"; noise ceiling {c:.3f}, PCC/ceiling {r:.3f}"
         out.append(f"{ch}: PCC {fmt(a)}; non-empty {fmt(ne)}; empty {fmt(e)}; SSIM {sub['ssim'].mean():.3f}, "
-                   f"PSNR {'n/a' if ps is None else f'{ps:.2f}'} dB")
+                   f"PSNR {'n/a' if ps is None else f'{ps:.2f}'} dB{ceil}")
     return out
 
 
@@ -318,7 +333,11 @@ def summary_lines(df) -> list[str]:
               help="Images shown in figures/panels.png.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 rot90/flip symmetries of each "
                                           "whole field (8x the time; summary.json mode 'whole+tta').")
-def evaluate_command(run_dir, split, whole, crops, out_dir, tile, overlap, batch, mask_jaccard, n_panels, tta):
+@click.option("--ceiling-sigma", default=2.0, show_default=True, metavar="PX",
+              help="Noise ceiling: PCC of the target with its Gaussian-smoothed self (this sigma); columns "
+                   "ceiling and pcc_over_ceiling.")
+def evaluate_command(run_dir, split, whole, crops, out_dir, tile, overlap, batch, mask_jaccard, n_panels, tta,
+                     ceiling_sigma):
     """Evaluate a trained run on a split: metrics.csv, summary.json and figures.
 
     RUN_DIR is a run folder of `islkeras fit` (runs/<name>/<stamp>). One row per image and target channel:
@@ -335,7 +354,8 @@ def evaluate_command(run_dir, split, whole, crops, out_dir, tile, overlap, batch
     if whole and crops is not None:
         raise UserError("--whole-fields and --crops N exclude each other")
     df = evaluate_run(run_dir, split, whole_fields=crops is None, crops=crops, tile=tile, overlap=overlap,
-                      batch=batch, mask_jaccard=mask_jaccard, out_dir=out_dir, n_panels=n_panels, tta=tta)
+                      batch=batch, mask_jaccard=mask_jaccard, out_dir=out_dir, n_panels=n_panels, tta=tta,
+                      ceiling_sigma=ceiling_sigma)
     run = Path(df.attrs["run"])
     out = Path(out_dir) if out_dir else run / EVAL_DIR / split
     for line in summary_lines(df):

@@ -35,7 +35,7 @@ import numpy as np
 METRICS = ("pcc", "ssim", "psnr", "nrmse")
 
 __all__ = [
-    "METRICS", "pcc", "pcc_channels", "ssim", "psnr", "nrmse", "default_data_range", "image_metrics",
+    "METRICS", "pcc", "pcc_channels", "noise_ceiling", "ssim", "psnr", "nrmse", "default_data_range", "image_metrics",
     "is_empty", "summarize", "summary_stats",
 ]
 
@@ -144,6 +144,21 @@ def image_metrics(pred: np.ndarray, true: np.ndarray, data_range: Optional[float
     }
 
 
+def noise_ceiling(true: np.ndarray, sigma: float = 2.0) -> float:
+    """The target's noise ceiling: PCC of the target with its own Gaussian-smoothed copy (``sigma`` pixels,
+    ``skimage.filters.gaussian``). A noise-free prediction of a noisy stain scores about this, so
+    ``pcc / ceiling`` tells a model limited by the stain's noise (near 1) from one that fails (issue 13).
+    NaN for a constant target."""
+    from skimage.filters import gaussian
+
+    t = np.asarray(true, np.float64)
+    if t.ndim != 2:
+        raise ValueError(f"noise_ceiling: expected a 2-D image, got shape {t.shape}")
+    if not np.isfinite(t).all() or t.std() == 0:
+        return float("nan")
+    return pcc(gaussian(t, sigma=float(sigma), preserve_range=True), t)
+
+
 def is_empty(true: np.ndarray, threshold: float, empty_fraction: float) -> bool:
     """True when fewer than ``empty_fraction`` of the target's pixels are above ``threshold``."""
     t = np.asarray(true)
@@ -166,10 +181,11 @@ def summarize(df, metrics: Optional[Sequence[str]] = None, channel_col: str = "c
 
     Returns ``{channel: {metric: {"all": stats, "empty": stats, "non_empty": stats}}}`` (``summary_stats``)
     plus ``"_overall"`` over all channels together. Metrics default to the numeric columns named like
-    ``pcc``, ``ssim``, ``psnr``, ``nrmse`` (with any suffix, e.g. ``_z``) and ``mask_jaccard``.
+    ``pcc``, ``ssim``, ``psnr``, ``nrmse`` (with any suffix, e.g. ``_z``, ``_over_ceiling``), ``mask_jaccard`` and
+    ``ceiling``.
     """
     if metrics is None:
-        metrics = [c for c in df.columns if c.split("_")[0] in METRICS or c == "mask_jaccard"]
+        metrics = [c for c in df.columns if c.split("_")[0] in METRICS or c in ("mask_jaccard", "ceiling")]
 
     def block(sub) -> dict:
         out = {}

@@ -66,11 +66,21 @@ def test_whole_field_metrics_table_and_outputs(whole_df, eval_run, aiseg_dir):
     assert row["nrmse_z"] == pytest.approx(np.sqrt(np.mean((z - pz) ** 2)), rel=1e-4)  # ||z|| = sqrt(N)
     assert row["ssim_z"] == pytest.approx(M.ssim(pz, z, z.max() - z.min()), abs=1e-6)
     assert row["above_fraction"] > 0.005 and not row["empty"]
+    # the noise ceiling (issue 13): PCC of the stain with its sigma-2 Gaussian-smoothed self, computed here
+    # with scipy (independent of skimage's gaussian), and pcc / ceiling
+    from scipy.ndimage import gaussian_filter
+
+    n64 = nuc.astype(np.float64)
+    ceiling = np.corrcoef(gaussian_filter(n64, 2.0, mode="nearest", truncate=4.0).ravel(), n64.ravel())[0, 1]
+    assert row["ceiling"] == pytest.approx(ceiling, abs=1e-6) and 0.5 < row["ceiling"] < 1
+    assert row["pcc_over_ceiling"] == pytest.approx(row["pcc"] / ceiling, rel=1e-6)
     out = eval_run / "evaluate" / "test"
     assert pd.read_csv(out / "metrics.csv").shape == df.shape
     summary = json.loads((out / "summary.json").read_text())
     s = summary["metrics"]["nuclei"]["pcc"]
     assert s["all"]["n"] == 2 and s["all"]["mean"] == pytest.approx(df["pcc"].mean())
+    assert summary["metrics"]["nuclei"]["pcc_over_ceiling"]["all"]["mean"] == pytest.approx(
+        df["pcc_over_ceiling"].mean()) and summary["ceiling_sigma"] == 2.0
     # empty = fewer than pipeline.empty_fraction (0.005) of target pixels above the stored Otsu threshold;
     # fov_007 (25 small nuclei, 0.29% above) counts as empty even as a whole field
     assert list(df["empty"]) == list(df["above_fraction"] < 0.005) == [False, True]

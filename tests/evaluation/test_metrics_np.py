@@ -119,3 +119,20 @@ def test_is_empty_and_summaries():
     assert s["m"]["pcc"]["empty"] == {"mean": None, "std": None, "median": None, "n": 0, "n_finite": 0}
     assert s["n"]["psnr"]["all"]["n_finite"] == 2 and s["n"]["psnr"]["all"]["mean"] == pytest.approx(25.0)
     assert s["_overall"]["pcc"]["all"]["n"] == 6
+
+
+def test_noise_ceiling_of_white_noise_and_of_a_smooth_image():
+    """White noise n: PCC(G_sigma * n, n) = w0 / ||w||_2 = 1 / (sigma sqrt(pi)) for a 2-D Gaussian kernel
+    (0.282 at sigma 2, 0.564 at sigma 1); a smooth image is its own smoothed copy (ceiling ~1); a constant
+    target has no ceiling (NaN)."""
+    from islkeras.evaluation.metrics import noise_ceiling
+
+    noise = np.random.default_rng(0).standard_normal((512, 512))
+    for sigma in (1.0, 2.0):
+        assert noise_ceiling(noise, sigma) == pytest.approx(1 / (sigma * np.sqrt(np.pi)), abs=0.01)
+    yy, xx = np.mgrid[:256, :256]
+    smooth = np.sin(yy / 20.0) + np.cos(xx / 25.0)
+    assert noise_ceiling(smooth, 2.0) > 0.999
+    noisy = smooth + 0.5 * np.random.default_rng(1).standard_normal(smooth.shape)
+    assert 0.5 < noise_ceiling(noisy, 2.0) < noise_ceiling(smooth, 2.0)
+    assert np.isnan(noise_ceiling(np.full((64, 64), 3.0)))
