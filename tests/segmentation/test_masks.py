@@ -3,7 +3,6 @@ reading, output files, the `masks` command, and the optional cellpose path (trai
 reloading, offline/missing messages)."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 
@@ -13,12 +12,12 @@ import tifffile
 from click.testing import CliRunner
 
 from islkeras.segmentation.cellpose import find_training_pairs
+from testkit import require_extra
 from islkeras.segmentation.classical import ClassicalParams, segment_classical
 from islkeras.segmentation.mask_io import INSTALL_HINT, OFFLINE_HINT, MasksError, read_image_2d, write_masks
 from islkeras.segmentation.masks import masks_command
 from islkeras.segmentation.metrics import average_precision, iou_binary
 
-CI = os.environ.get("CI", "").lower() == "true"
 
 # dsb2018 images of 256 x 256 with >= 20 nuclei (cheap to train on)
 DSB_SMALL = [
@@ -28,12 +27,7 @@ DSB_SMALL = [
 
 
 def _require_cellpose():
-    try:
-        import cellpose.models  # noqa: F401
-    except ImportError as e:
-        if CI:
-            pytest.fail(f"cellpose must be installed under CI: {e}")
-        pytest.skip(f"cellpose not installed: {e}")
+    require_extra("cellpose", "cellpose.models")
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,10 @@
 """Tests for islkeras.segmentation.metrics: instance AP, pixel IoU/accuracy, mask Jaccard from fluorescence."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
+from testkit import require_extra
 
 from islkeras.segmentation.metrics import (
     _n_matches,
@@ -18,12 +18,9 @@ from islkeras.segmentation.metrics import (
 
 
 def _cellpose_metrics():
-    try:
-        from cellpose import metrics
-    except ImportError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"cellpose must be installed under CI: {e}")
-        pytest.skip(f"cellpose not installed: {e}")
+    require_extra("cellpose", "cellpose.metrics")
+    from cellpose import metrics
+
     return metrics
 
 
