@@ -10,6 +10,11 @@ Training (infinite)::
               statistics, looked up by record index) -> one of the 8 rot90/flip symmetries, identical for
               input and target -> shuffle -> batch(drop_remainder) -> prefetch(AUTOTUNE)
 
+Without the cache (``pipeline.cache: false``, training sets larger than memory) the shuffle, ``balance_by``
+and repeat run on ``(idx, name, shard, position)`` tuples and only the drawn records are read, one by one
+(``islkeras.data.streams``), and of each record only the rows of its crops are decoded: the same fields in
+the same order as with the cache, so the same crops.
+
 Evaluation (finite, deterministic): a centred grid of non-overlapping ``crop_size`` crops per field
 (``eval_mode: grid``), or whole fields cropped (top-left) to a multiple of 32 (``eval_mode: whole``).
 
@@ -23,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from islkeras.data import normalize as _norm
+from islkeras.data import streams as _streams
 from islkeras.errors import DataError
 
 MULTIPLE = 32  #: whole fields are cropped to a multiple of this (the networks' down-sampling factor)
@@ -228,20 +234,24 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
             "width": tf.io.FixedLenFeature([], tf.int64)}
     spec.update({f"ch/{c}": tf.io.FixedLenFeature([], tf.string) for c in used})
 
-    def parse(raw):
+    def parse(raw, decode=True):  # decode=False: the channels' bytes, decoded crop by crop (uncached path)
         ex = tf.io.parse_single_example(raw, spec)
         h, w = tf.cast(ex["height"], tf.int32), tf.cast(ex["width"], tf.int32)
         arr = {c: tf.reshape(tf.io.decode_raw(ex[f"ch/{c}"], tf.dtypes.as_dtype(chans[c]["dtype"])),
-                             [h, w, chans[c]["planes"]]) for c in used}
+                             [h, w, chans[c]["planes"]]) if decode else ex[f"ch/{c}"] for c in used}
         return table.lookup(ex["name"]), ex["name"], tuple(arr[c] for c in inputs), tuple(arr[c] for c in targets)
 
     files = shard_paths(cfg, manifest, split)
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4) if len(files) > 1 else None)
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-    if fields is not None:  # records not in the table were not asked for
-        ds = ds.filter(lambda idx, name, xr, yr: idx >= 0)
-    if p.cache:
-        ds = ds.cache()
+    uncached = training and not p.cache  # shuffled as indices, then each record read (islkeras.data.streams)
+    if uncached:
+        ds = _streams.index_dataset(tf, manifest, split, files, names)
+    else:
+        ds = tf.data.TFRecordDataset(files, num_parallel_reads=_streams.parallel_reads(files))
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        if fields is not None:  # records not in the table were not asked for
+            ds = ds.filter(lambda idx, name, xr, yr: idx >= 0)
+        if p.cache:
+            ds = ds.cache()
 
     def cat(parts):
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
@@ -263,20 +273,27 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
             ds = _balanced_fields(tf, cfg, ds, names, seed)
         else:
             ds = ds.shuffle(len(names), seed=seed, reshuffle_each_iteration=True).repeat()
+        if uncached:
+            ds = _streams.read_records(tf, ds, files, lambda raw: parse(raw, decode=False))
+            hw = tf.constant([[manifest["fields"][n]["height"], manifest["fields"][n]["width"]] for n in names],
+                             tf.int32)
         ds = ds.enumerate()
 
         def crops(i, el):
             idx, _, xr, yr = el
-            shape = tf.shape(xr[0])
+            shape = tf.gather(hw, idx) if uncached else tf.shape(xr[0])
             base = tf.stack([tf.constant(seed, tf.int64), i])
             y0 = tf.random.stateless_uniform([k_crops], base, 0, shape[0] - cs + 1, dtype=tf.int32)
             x0 = tf.random.stateless_uniform([k_crops], base + [0, 1 << 40], 0, shape[1] - cs + 1, dtype=tf.int32)
             sym = tf.random.stateless_uniform([k_crops], base + [0, 2 << 40], 0, 8, dtype=tf.int32)
 
-            def cut(a):
+            def cut(a, c):
+                if uncached:  # still bytes: only the crops' rows are decoded
+                    return _streams.cut_rows(tf, a, chans[c]["dtype"], chans[c]["planes"], shape[1], y0, x0, cs)
                 return tf.stack([a[y0[j]:y0[j] + cs, x0[j]:x0[j] + cs] for j in range(k_crops)])
 
-            return (tf.fill([k_crops], idx), sym, tuple(cut(a) for a in xr), tuple(cut(a) for a in yr))
+            return (tf.fill([k_crops], idx), sym, tuple(cut(a, c) for a, c in zip(xr, inputs)),
+                    tuple(cut(a, c) for a, c in zip(yr, targets)))
 
         ds = ds.map(crops, num_parallel_calls=auto)
         if k_crops > 1:
