@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("islkeras.training.fit:fit_command", "Train an ISL model from an experiment config; writes a run folder."),
     "evaluate": ("islkeras.evaluation.evaluate:evaluate_command", "PCC/SSIM/PSNR per image of a run on a split; figures."),
     "predict": ("islkeras.inference.predict:predict_command", "Whole-field tiled prediction, TIFF in -> TIFF out."),
+    "crossval": ("islkeras.evaluation.crossval:crossval_command", "Leave-one-group-out (e.g. experiment) training + evaluation."),
     "report": ("islkeras.evaluation.report:report_command", "Compare several runs: table (CSV/Markdown) and PCC box plot."),
     "masks": ("islkeras.segmentation.masks:masks_command", "Nucleus instance labels and binary masks from a nuclei stain."),
     "transfer": ("islkeras.segmentation.experiment:transfer_command", "Fine-tune a nuclei segmentation net from an ISL model."),

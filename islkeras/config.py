@@ -138,6 +138,7 @@ class TrainingConfig:
     jit_compile: bool = False
     seed: int = 0
     runs_dir: str = "runs"  #: run folders go to <runs_dir>/<name>/<timestamp>/
+    init_from: Optional[str] = None  #: run folder or SavedModel whose weights (head too) start training
 
 
 @dataclass
@@ -334,8 +335,10 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{src}: data.split fractions must be >= 0 and sum to 1 (got {fr})")
     if s.csv is not None and ":" not in s.csv:
         raise ConfigError(f"{src}: data.split.csv must look like 'fields.csv:column', got {s.csv!r}")
-    if d.shard_size < 1:
-        raise ConfigError(f"{src}: data.shard_size must be >= 1")
+    for sect, key in (("data", "shard_size"), ("pipeline", "crops_per_field"), ("training", "batch_size"),
+                      ("training", "epochs"), ("training", "steps_per_epoch")):
+        if getattr(getattr(cfg, sect), key) < 1:
+            raise ConfigError(f"{src}: {sect}.{key} must be >= 1")
     p = cfg.pipeline
     if p.crop_size < 16 or p.crop_size % 32 != 0:
         raise ConfigError(f"{src}: pipeline.crop_size must be a multiple of 32 and >= 32 (got {p.crop_size})")
@@ -347,15 +350,10 @@ def _validate(cfg: ExperimentConfig) -> None:
             f"{src}: pipeline.percentiles must be [low, high] from the stored percentiles "
             f"({', '.join(f'{q:g}' for q in STAT_PERCENTILES)}), got {p.percentiles}"
         )
-    if p.crops_per_field < 1:
-        raise ConfigError(f"{src}: pipeline.crops_per_field must be >= 1")
     if p.balance_by is not None and s.csv is None:
         raise ConfigError(f"{src}: pipeline.balance_by {p.balance_by!r} names a column of the split CSV, "
                           f"but data.split.csv is not set")
     t = cfg.training
-    for key in ("batch_size", "epochs", "steps_per_epoch"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"{src}: training.{key} must be >= 1")
     if t.learning_rate <= 0:
         raise ConfigError(f"{src}: training.learning_rate must be > 0")
     if cfg.loss.kind in ("l1", "l2", "pix2pix", "perceptual") and not d.targets and cfg.transfer is None:
@@ -385,6 +383,7 @@ def _resolve_paths(cfg: ExperimentConfig) -> None:
     b = cfg.base_dir
     # (section, path key, values that are not paths)
     for section, key, keep in ((cfg.data, "root", ()), (cfg.data, "records", ()), (cfg.training, "runs_dir", ()),
+                               (cfg.training, "init_from", (None,)),
                                (cfg.model, "encoder_weights", (None, "imagenet")),
                                (cfg.loss, "vgg_weights", (None, "imagenet")),
                                (cfg.transfer, "isl_run", (None,)), (cfg.transfer, "pretrain", (None,))):

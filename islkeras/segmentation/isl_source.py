@@ -116,57 +116,21 @@ def adopt_isl_settings(cfg, isl: IslSource) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def _flat_layers(model) -> list:
-    """Layers in order with nested models expanded (so a wrapped segmentation-models U-Net pairs up)."""
-    import tensorflow as tf
-
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.Model):
-            out.extend(_flat_layers(layer))
-        else:
-            out.append(layer)
-    return out
-
-
-def weight_layers(model) -> list:
-    """Layers that carry weights, in order; the last one is the head (``final_conv``)."""
-    return [lay for lay in _flat_layers(model) if lay.weights]
+# one implementation of the layer-by-layer copy and the loading: islkeras.training.warmstart (init_from uses it)
+from islkeras.training.warmstart import flat_layers as _flat_layers  # noqa: E402,F401
+from islkeras.training.warmstart import load_generator as load_isl_keras  # noqa: E402
+from islkeras.training.warmstart import weight_layers  # noqa: E402,F401
 
 
 def copy_isl_weights(seg_model, isl_model, init: str = "all_but_head") -> dict:
     """Copy ``isl_model``'s weights into ``seg_model`` layer by layer (see the module doc of
-    ``islkeras.segmentation.transfer``).
+    ``islkeras.segmentation.transfer``); the head only with ``init`` all/all_calibrated and equal shapes.
 
     Returns ``{"copied": [names], "skipped": [names]}``; UserError when the architectures differ.
     """
-    src, dst = weight_layers(isl_model), weight_layers(seg_model)
-    if len(src) != len(dst):
-        raise UserError(f"transfer: the ISL model has {len(src)} layers with weights, the segmentation model "
-                        f"{len(dst)}: not the same architecture")
-    copied, skipped = [], []
-    for i, (a, b) in enumerate(zip(src, dst)):
-        wa, wb = a.get_weights(), b.get_weights()
-        shapes_a, shapes_b = [w.shape for w in wa], [w.shape for w in wb]
-        head = i == len(src) - 1
-        if type(a).__name__ != type(b).__name__ or (shapes_a != shapes_b and not head):
-            raise UserError(f"transfer: layer {i} differs between the ISL model ({a.name}: {type(a).__name__} "
-                            f"{shapes_a}) and the segmentation model ({b.name}: {type(b).__name__} {shapes_b})")
-        if head and (init not in ("all", "all_calibrated") or shapes_a != shapes_b):
-            skipped.append(b.name)
-            continue
-        b.set_weights(wa)
-        copied.append(b.name)
-    return {"copied": copied, "skipped": skipped}
+    from islkeras.training.warmstart import copy_weights
 
-
-def load_isl_keras(savedmodel):
-    """The ISL generator as a Keras model (the training metrics saved with it are not restored)."""
-    import tensorflow as tf
-
-    from islkeras.training.metrics import PCC
-
-    return tf.keras.models.load_model(str(savedmodel), compile=False, custom_objects={"PCC": PCC})
+    return copy_weights(seg_model, isl_model, skip_head=init not in ("all", "all_calibrated"), where="transfer")
 
 
 def build_segmentation_model(cfg, isl_savedmodel=None, n_inputs: Optional[int] = None, n_outputs: int = 1,

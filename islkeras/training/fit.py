@@ -13,6 +13,8 @@ are an error unless ``training.validation`` is false (the best epoch is then cho
 ``--resume`` continues an interrupted run from its last finished epoch; a run killed after training (during
 the export) is exported without training again. The budget is ``training.epochs * steps_per_epoch`` steps;
 ``summary.json`` records the steps run (``training.max_minutes`` is a safety cap, reported when it bites).
+``training.init_from`` (``--init-from RUN``) fine-tunes: every weight of that run's model is copied in before
+training, after checking the architecture and channel counts (``islkeras.training.warmstart``).
 TensorFlow is imported inside the functions so ``islkeras --help`` stays fast.
 """
 from __future__ import annotations
@@ -228,6 +230,7 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     from islkeras.training import cluster as C
     from islkeras.training import distribute as D
     from islkeras.training.control import finished_training
+    from islkeras.training.warmstart import init_generator, resolve_init_from
     from islkeras.utils import atomic_write_json
 
     t = cfg.training
@@ -246,11 +249,14 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
     n_out = _channels(manifest, cfg.data.targets, "target")
     has_val = require_validation(cfg, manifest)
     meta = export_meta(cfg, manifest)  # fails now (not after training) if the records lack something
+    init_src = resolve_init_from(cfg, n_in, n_out)  # training.init_from: same network? (before any training)
 
     tf.keras.utils.set_random_seed(t.seed)
     with _precision(t.mixed_precision):
         with strategy.scope():
             model, generator = build_training_model(cfg, n_in, n_out)
+            if init_src is not None:  # a resumed run's backup (restored at the start of fit) overrides these
+                init_generator(generator, init_src)
         mine = D.file_shard_fields(manifest, "train", strategy)  # multi-worker: this worker's shards' records
         train_ds = D.distribute_dataset(make_dataset(cfg, "train", training=True, manifest=manifest, fields=mine),
                                         strategy, len(shard_paths(cfg, manifest, "train")), sharded_by_file=bool(mine))
@@ -272,7 +278,8 @@ def fit(cfg, run_dir=None, resume=None, verbose: Optional[int] = None) -> dict:
         click.echo(f"islkeras fit: {cfg.name} ({cfg.loss.kind}, {cfg.model.architecture}"
                    f"{'/' + cfg.model.backbone if cfg.model.architecture == 'unet_sm' else ''}) -> {run_dir}"
                    f"{' (resuming)' if resuming and not done else ''}{' (training done: exporting)' if done else ''}"
-                   f"{'' if strategy is tf.distribute.get_strategy() else ' [' + D.describe(strategy) + ']'}", err=True)
+                   f"{'' if strategy is tf.distribute.get_strategy() else ' [' + D.describe(strategy) + ']'}"
+                   f"{f' (weights from {init_src.savedmodel})' if init_src is not None else ''}", err=True)
         if done:
             generator.load_weights(str(done[1]))
             outcome = done[0]
@@ -349,7 +356,10 @@ def training_callbacks(t, model, run_dir: Path, save_dir: Path, monitor: str, st
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted path, JSON value), e.g. --set training.epochs=5. Repeatable.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Replace data.root of the config.")
-def fit_command(config, resume, run_dir, sets, data_root):
+@click.option("--init-from", type=click.Path(), default=None, metavar="RUN|SAVEDMODEL",
+              help="Fine-tune: start from every weight (head included) of this run's model (training.init_from); "
+                   "the architecture and channel counts must match. Normalisation comes from the new data.")
+def fit_command(config, resume, run_dir, sets, data_root, init_from):
     """Train the model of an experiment CONFIG (JSON); writes runs/<name>/<timestamp>/.
 
     The run folder holds the resolved config, history.csv, TensorBoard logs (tb/), checkpoints (ckpt/),
@@ -362,8 +372,13 @@ def fit_command(config, resume, run_dir, sets, data_root):
       islkeras fit experiments/aiseg_nuclei_l1.json --set training.epochs=5 --set loss.kind=l2
       islkeras fit experiments/hoechst_perceptual.json --data-root /data/my_dic_stacks
       islkeras fit experiments/aiseg_nuclei_l1.json --resume            # newest run of that name
+      islkeras fit experiments/aiseg_nuclei_l1.json --init-from runs/aiseg_nuclei_l1/<stamp> \\
+          --set training.learning_rate=0.0002 --set training.epochs=2    # fine-tune on new data
     """
     from islkeras.config import load_config, parse_set_option
 
-    cfg = load_config(config, overrides=parse_set_option(sets), data_root=data_root)
+    overrides = parse_set_option(sets)
+    if init_from is not None:
+        overrides["training.init_from"] = str(Path(init_from).resolve())
+    cfg = load_config(config, overrides=overrides, data_root=data_root)
     fit(cfg, run_dir=run_dir, resume=resume)
