@@ -24,7 +24,7 @@ class Record:
     region: Optional[list]  # [y0, y1, x0, x1] or None = whole field
 
 
-def _csv_column(cfg, column: str, rows: Optional[dict] = None) -> tuple[dict[str, str], Path, str]:
+def csv_column(cfg, column: str, rows: Optional[dict] = None) -> tuple[dict[str, str], Path, str]:
     """``{field id: value}`` of one column of the split CSV (``data.split.csv``), its path and id column;
     ``rows`` (if given) receives ``{field id: line number}``. A row with cells but no field id is an error."""
     s = cfg.data.split
@@ -56,7 +56,7 @@ def _csv_column(cfg, column: str, rows: Optional[dict] = None) -> tuple[dict[str
 def field_groups(cfg, names: list[str], column: str) -> dict[str, list[str]]:
     """Group -> record names by a column of the split CSV (e.g. the experiment or stratum a field comes
     from). Record names of spatial splits (``field@split``) are looked up by their field."""
-    table, path, id_col = _csv_column(cfg, column)
+    table, path, id_col = csv_column(cfg, column)
     out: dict[str, list[str]] = {}
     for n in names:
         fid = n.split("@", 1)[0]
@@ -75,7 +75,7 @@ def assign_splits(cfg, names: list[str]) -> dict[str, str]:
     if s.csv is not None:
         column = s.csv.rsplit(":", 1)[1]
         rows: dict[str, int] = {}
-        table, path, id_col = _csv_column(cfg, column, rows)
+        table, path, id_col = csv_column(cfg, column, rows)
         missing = [n for n in names if n not in table]
         if missing:
             raise DataError(f"{path}: no row for field(s) {', '.join(missing[:5])} (column {id_col!r})")

@@ -56,18 +56,18 @@ def read_groups(cfg, column: str) -> tuple[dict[str, list[str]], dict[str, str],
     fields of ``cfg`` (folders matching ``data.fields``). DataError naming the CSV and its columns when
     ``column`` is not one of them."""
     from islkeras.data import tiff
-    from islkeras.data.splits import _csv_column
+    from islkeras.data.splits import csv_column
     from islkeras.errors import DataError
 
     if cfg.data.split.csv is None:
         raise UserError(f"--group {column}: crossval groups fields by a column of the split CSV, but "
                         f"data.split.csv of {cfg.source} is not set")
     split_col = cfg.data.split.csv.rsplit(":", 1)[1]
-    table, path, id_col = _csv_column(cfg, column)
+    table, path, id_col = csv_column(cfg, column)
     if column in (split_col, id_col):
         raise UserError(f"--group {column}: that is the {'split' if column == split_col else 'id'} column of "
                         f"{path}; name a column that groups fields, e.g. the experiment")
-    splits, _, _ = _csv_column(cfg, split_col)
+    splits, _, _ = csv_column(cfg, split_col)
     names = tiff.field_names(cfg.data.root, cfg.data.fields, cfg.data.channels)
     groups: dict[str, list[str]] = {}
     for n in names:
