@@ -68,14 +68,12 @@ class ZarrSource:
         self.pixel_size_um = lazy.pixel_size_um
 
     def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        parts = []
-        for c, zs, t, proj in self._sel:
-            a = self._lazy.region(c, zs, t, y0, y1, x0, x1)
-            if proj == "max":
-                a = a.max(axis=-1, keepdims=True)
-            elif proj == "mean":
-                a = a.astype(np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
-            parts.append(a)
+        from types import SimpleNamespace
+
+        from islkeras.data.tiff import project
+
+        parts = [project(self._lazy.region(c, zs, t, y0, y1, x0, x1), SimpleNamespace(projection=proj))
+                 for c, zs, t, proj in self._sel]  # the same projection as a field read whole
         return parts[0] if len(parts) == 1 else np.concatenate([p.astype(self.dtype, copy=False) for p in parts], -1)
 
 
