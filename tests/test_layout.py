@@ -20,12 +20,13 @@ LONG_MODULES: dict[str, str] = {}
 STEPS = ["data", "models", "training", "export", "inference", "segmentation", "evaluation", "serving",
          "napari"]
 #: top-level modules every step may import (they import no step, except as listed in FOUNDATION_EXCEPTIONS)
-FOUNDATION = {"islkeras", "islkeras._env", "islkeras.errors", "islkeras.utils", "islkeras.config"}
+FOUNDATION = {"islkeras", "islkeras._env", "islkeras.errors", "islkeras.utils", "islkeras.config",
+              "islkeras.config.parse", "islkeras.config.sections", "islkeras.config.validate"}
 #: top-level entry points: they may import anything, nothing imports them (but each other)
 ENTRY = {"islkeras.cli", "islkeras.demo"}
 #: (importer, imported) -> reason
 FOUNDATION_EXCEPTIONS = {
-    ("islkeras.config", "islkeras.data.normalize"):
+    ("islkeras.config.validate", "islkeras.data.normalize"):
         "validating pipeline.percentiles against the percentiles stored at conversion; "
         "data.normalize imports nothing of islkeras",
 }
@@ -92,6 +93,8 @@ def find_cycle(g: dict[str, set[str]]):
 
 
 def step_of(module: str):
+    if module in FOUNDATION:
+        return None
     parts = module.split(".")
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in STEPS) else None
 
