@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from islkeras.config.parse import to_dict
 
-__all__ = ["ChannelSpec", "SpatialSplit", "SplitSpec", "DataConfig", "PipelineConfig", "ModelConfig", "LossConfig",
+__all__ = ["Zoom", "Brightness", "Contrast", "Gamma", "Blur", "Noise", "AugmentConfig", "ChannelSpec", "SpatialSplit", "SplitSpec", "DataConfig", "PipelineConfig", "ModelConfig", "LossConfig",
            "EarlyStoppingConfig", "TrainingConfig", "TransferConfig", "ExperimentConfig"]
 
 
@@ -56,6 +56,62 @@ class DataConfig:
     records: str = "records"  #: output folder of convert (resolved against the config file)
     shard_size: int = 8  #: fields per TFRecord shard
     workers: int = 0  #: parallel readers in convert (0 = number of CPUs)
+    #: micrometres per pixel of the fields: a number (every field), ``"fields.csv:column"`` (per field, a column of
+    #: a CSV under data.root) or ``"metadata"`` (each field's TIFF: ImageJ resolution/spacing or OME PhysicalSizeX/Y);
+    #: null: unknown (fields are not resampled)
+    pixel_size_um: Optional[Union[float, str]] = field(default=None, metadata={"omit_default": True})
+
+
+# Robustness augmentation (pipeline.augment): each transform has a probability ``p`` (0 = off) and a range; all run on
+# training crops only, after the crop, seeded by pipeline.seed; nothing of it at evaluation.
+@dataclass
+class Zoom:
+    p: float = 0.0
+    range: list[float] = field(default_factory=lambda: [0.75, 1.33])  #: scale factor (>1: objects larger), log-uniform
+
+
+@dataclass
+class Brightness:
+    p: float = 0.0
+    range: list[float] = field(default_factory=lambda: [-0.3, 0.3])  #: offset added to the normalised input
+
+
+@dataclass
+class Contrast:
+    p: float = 0.0
+    range: list[float] = field(default_factory=lambda: [0.67, 1.5])  #: factor around the crop's mean, log-uniform
+
+
+@dataclass
+class Gamma:
+    p: float = 0.0
+    range: list[float] = field(default_factory=lambda: [0.67, 1.5])  #: exponent on the crop scaled to [0, 1]
+
+
+@dataclass
+class Blur:
+    p: float = 0.0
+    range: list[float] = field(default_factory=lambda: [0.5, 2.0])  #: Gaussian sigma in pixels (defocus)
+
+
+@dataclass
+class Noise:
+    p: float = 0.0
+    range: list[float] = field(default_factory=lambda: [0.02, 0.2])  #: Gaussian sigma, in units of the crop's std
+    poisson: float = 0.0  #: probability that the noise is Poisson (shot noise of the same relative strength)
+
+
+@dataclass
+class AugmentConfig:
+    """``pipeline.augment`` as an object; ``true`` is ``{"dihedral": true}``, ``false`` turns everything off."""
+
+    dihedral: bool = True  #: the 8 rot90/flip symmetries, identical for input and target
+    zoom: Zoom = field(default_factory=Zoom)  #: input and target resampled identically, crop size kept
+    brightness: Brightness = field(default_factory=Brightness)  #: inputs only, as are the four below
+    contrast: Contrast = field(default_factory=Contrast)
+    gamma: Gamma = field(default_factory=Gamma)
+    blur: Blur = field(default_factory=Blur)
+    noise: Noise = field(default_factory=Noise)
 
 
 @dataclass
@@ -64,7 +120,9 @@ class PipelineConfig:
     crops_per_field: int = 1  #: random crops taken from each field read
     normalization: Literal["zscore", "dataset", "minmax", "percentile"] = "zscore"
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])
-    augment: bool = True  #: the 8 rot90/flip symmetries, identical for input and target
+    #: training augmentation: true = the 8 rot90/flip symmetries (input and target alike), false = none, or an
+    #: object (AugmentConfig) adding zoom, brightness/contrast/gamma, blur and noise
+    augment: Union[bool, AugmentConfig] = True
     drop_empty: bool = False  #: drop crops whose target is empty (below the stored threshold)
     empty_fraction: float = 0.005  #: a crop is empty when fewer target pixels are above threshold
     shuffle_buffer: int = 64
@@ -74,6 +132,15 @@ class PipelineConfig:
     eval_mode: Literal["grid", "whole"] = "grid"  #: val/test crops: fixed grid of crops, or whole fields
     cache: bool = True  #: keep decoded records in memory (fields are read once)
     seed: int = 0
+    #: the model's working pixel size in micrometres: fields are resampled to it at conversion (null: the median
+    #: pixel size of the training fields when data.pixel_size_um is set, else no resampling)
+    pixel_size_um: Optional[float] = field(default=None, metadata={"omit_default": True})
+
+    def augmentation(self) -> "AugmentConfig":
+        """``augment`` as an AugmentConfig (a bool becomes rot90/flip on or everything off)."""
+        if isinstance(self.augment, AugmentConfig):
+            return self.augment
+        return AugmentConfig(dihedral=bool(self.augment))
 
 
 @dataclass

@@ -55,6 +55,18 @@ def validate(cfg) -> None:
             f"{src}: pipeline.percentiles must be [low, high] from the stored percentiles "
             f"({', '.join(f'{q:g}' for q in STAT_PERCENTILES)}), got {p.percentiles}"
         )
+    a = p.augmentation()
+    for name in ("zoom", "brightness", "contrast", "gamma", "blur", "noise"):
+        t = getattr(a, name)
+        lo_ok = {"zoom": 0.2, "contrast": 0.0, "gamma": 0.0, "blur": 0.0, "noise": 0.0}.get(name)
+        if not 0.0 <= t.p <= 1.0 or len(t.range) != 2 or t.range[0] > t.range[1] or (
+                lo_ok is not None and t.range[0] <= lo_ok and not (name in ("blur", "noise") and t.range[0] == 0)):
+            raise ConfigError(f"{src}: pipeline.augment.{name}: p must be in [0, 1] and range [low, high] with low <= high"
+                              f"{f' and low > {lo_ok:g}' if lo_ok else ''} (got p {t.p:g}, range {t.range})")
+    if a.zoom.p > 0 and a.zoom.range[1] > 5:
+        raise ConfigError(f"{src}: pipeline.augment.zoom.range {a.zoom.range}: a factor above 5 is not a zoom")
+    if not 0.0 <= a.noise.poisson <= 1.0:
+        raise ConfigError(f"{src}: pipeline.augment.noise.poisson must be a probability in [0, 1], got {a.noise.poisson}")
     if p.balance_by is not None and s.csv is None:
         raise ConfigError(f"{src}: pipeline.balance_by {p.balance_by!r} names a column of the split CSV, "
                           f"but data.split.csv is not set")
