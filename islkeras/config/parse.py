@@ -58,6 +58,9 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: null is not allowed, expected {_type_name(tp)}")
+        objects = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(objects) == 1:  # an object: its own error (unknown key...) is the one
+            return _convert(value, objects[0], path, source)
         for a in args:
             if a is type(None):
                 continue

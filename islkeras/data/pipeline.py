@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from islkeras.data import augment as _aug
 from islkeras.data import normalize as _norm
 from islkeras.data import streams as _streams
 from islkeras.errors import DataError
@@ -279,6 +280,12 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
                              tf.int32)
         ds = ds.enumerate()
 
+        aug = p.augmentation()
+        zoom = aug.zoom.p > 0
+        if zoom and uncached:
+            raise DataError("pipeline.augment.zoom needs pipeline.cache true (zoomed windows are cut from decoded "
+                            "fields); turn one of them off")
+
         def crops(i, el):
             idx, _, xr, yr = el
             shape = tf.gather(hw, idx) if uncached else tf.shape(xr[0])
@@ -286,35 +293,41 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
             y0 = tf.random.stateless_uniform([k_crops], base, 0, shape[0] - cs + 1, dtype=tf.int32)
             x0 = tf.random.stateless_uniform([k_crops], base + [0, 1 << 40], 0, shape[1] - cs + 1, dtype=tf.int32)
             sym = tf.random.stateless_uniform([k_crops], base + [0, 2 << 40], 0, 8, dtype=tf.int32)
+            keys = _aug.crop_keys(tf, base, k_crops)
 
-            def cut(a, c):
+            def cut(a, c, nearest=False):
+                if zoom:  # a window of crop_size / factor, resampled to crop_size
+                    wins = [_aug.zoom_window(tf, keys[j], aug.zoom, cs, shape[0], shape[1]) for j in range(k_crops)]
+                    return tf.stack([_aug.resample_window(tf, a, *w, cs, nearest) for w in wins])
                 if uncached:  # still bytes: only the crops' rows are decoded
                     return _streams.cut_rows(tf, a, chans[c]["dtype"], chans[c]["planes"], shape[1], y0, x0, cs)
                 return tf.stack([a[y0[j]:y0[j] + cs, x0[j]:x0[j] + cs] for j in range(k_crops)])
 
-            return (tf.fill([k_crops], idx), sym, tuple(cut(a, c) for a, c in zip(xr, inputs)),
-                    tuple(cut(a, c) for a, c in zip(yr, targets)))
+            return (tf.fill([k_crops], idx), sym, keys, tuple(cut(a, c) for a, c in zip(xr, inputs)),
+                    tuple(cut(a, c, m) for a, c, m in zip(yr, targets, masks_t)))
 
         ds = ds.map(crops, num_parallel_calls=auto)
         if k_crops > 1:
             ds = ds.unbatch()
         else:
-            ds = ds.map(lambda idx, sym, xr, yr: (idx[0], sym[0], tuple(a[0] for a in xr), tuple(a[0] for a in yr)))
+            ds = ds.map(lambda idx, sym, key, xr, yr: (idx[0], sym[0], key[0], tuple(a[0] for a in xr),
+                                                       tuple(a[0] for a in yr)))
         if p.drop_empty:
             frac = float(p.empty_fraction)
 
-            def non_empty(idx, sym, xr, yr):
+            def non_empty(idx, sym, key, xr, yr):
                 y = tf.concat([tf.cast(a, tf.float32) for a in yr], axis=-1)
                 above = tf.reduce_mean(tf.cast(y > tf.gather(th, idx), tf.float32), axis=[0, 1])
                 return tf.reduce_any(above >= frac)
 
             ds = ds.filter(non_empty)
 
-        def finish(idx, sym, xr, yr):
-            if p.augment:  # on the raw crops (fewer bytes); commutes with the per-plane affine normalisation
+        def finish(idx, sym, key, xr, yr):
+            if aug.dihedral:  # on the raw crops (fewer bytes); commutes with the per-plane affine normalisation
                 xr = tuple(dihedral(tf, a, sym) for a in xr)
                 yr = tuple(dihedral(tf, a, sym) for a in yr)
             x, y = normalise(idx, xr, yr)
+            x = _aug.jitter_inputs(tf, x, key, aug)  # the inputs only; no-op when every p is 0
             x.set_shape([cs, cs, cx]), y.set_shape([cs, cs, cy])
             return x, y
 
