@@ -625,7 +625,7 @@ def test_every_shipped_config_builds_its_model_and_pipeline_on_tiny_data(tmp_pat
                  "pix2pix": lambda: model._terms(x, y, out, training=False),
                  "perceptual": lambda: model._terms(y, out)}[kind]()
         assert all(np.isfinite(v.numpy()).all() for v in terms.values()), (name, terms)
-    assert len(checked) == len(SHIPPED) == 17 and len(models) == 13
+    assert len(checked) == len(SHIPPED) == 18 and len(models) == 13
     # DenseNet121 1->1, 3->1 and 3->2 (ImageNet: 3 channels); ResNet18 (the pretraining; sigmoid for segmentation)
     assert len(one_build_per_network) == 5
 
