@@ -288,9 +288,10 @@ def to_uint16(pred: np.ndarray, kind: str = "isl") -> tuple[np.ndarray, int]:
 
 
 def write_prediction(path: Union[str, Path], pred: np.ndarray, channel_names: Sequence[str],
-                     dtype: str = "float32", kind: str = "isl") -> int:
-    """Write an (H, W, C) prediction as an ImageJ TIFF (axes YX or CYX, channel labels), atomically
-    (temporary file + rename). Returns the number of pixels clipped by ``dtype="uint16"``."""
+                     dtype: str = "float32", kind: str = "isl", pixel_size_um: Optional[float] = None) -> int:
+    """Write an (H, W, C) prediction as an ImageJ TIFF (axes YX or CYX, channel labels; ``pixel_size_um`` as
+    ImageJ resolution tags when known), atomically (temporary file + rename). Returns the number of pixels
+    clipped by ``dtype="uint16"``."""
     import tifffile
 
     path = Path(path)
@@ -308,12 +309,16 @@ def write_prediction(path: Union[str, Path], pred: np.ndarray, channel_names: Se
         arr, meta = data[..., 0], {"axes": "YX", "Labels": names[:1]}
     else:
         arr, meta = np.moveaxis(data, -1, 0), {"axes": "CYX", "Labels": names}
+    res = {}
+    if pixel_size_um:
+        meta["unit"] = "um"
+        res = {"resolution": (1.0 / pixel_size_um, 1.0 / pixel_size_um)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp, "wb") as f:  # complete on disk before it gets its name (a worker may die next)
-            tifffile.imwrite(f, np.ascontiguousarray(arr), imagej=True, metadata=meta)
+            tifffile.imwrite(f, np.ascontiguousarray(arr), imagej=True, metadata=meta, **res)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: others on a shared filesystem could not read it
@@ -351,6 +356,8 @@ class FieldSettings:
     batch: int = 4
     tta: bool = False
     output_format: str = "tiff"  #: "tiff" (in memory) or "ome-zarr" (streamed tile by tile, flat memory)
+    pixel_size: Optional[float] = None  #: --pixel-size: the fields' pixel size (um), resampled to the model's
+    diameter: Union[str, float, None] = None  #: --diameter: nuclei diameter (px) in the fields, or "auto"
 
     def target(self, name: str) -> Path:
         suffix = ".ome.zarr" if self.output_format == "ome-zarr" else ".tif"
@@ -384,9 +391,12 @@ def predict_one(model, item: InputItem, name: str, settings: FieldSettings) -> F
             _predict_streamed(model, item, name, settings)
             return FieldResult(name, True, "")
         image = read_input(item, settings.specs, model.n_inputs)
-        pred = predict_field(model, image, tile=settings.tile, overlap=settings.overlap, batch=settings.batch,
-                             tta=settings.tta)
-        clipped = write_prediction(settings.target(name), pred, settings.labels, settings.dtype, settings.kind)
+        from islkeras.inference.rescale import field_factor, predict_rescaled
+
+        kw = dict(tile=settings.tile, overlap=settings.overlap, batch=settings.batch, tta=settings.tta)
+        pred = predict_rescaled(model, image, field_factor(model, image, settings, str(item.path), **kw), **kw)
+        clipped = write_prediction(settings.target(name), pred, settings.labels, settings.dtype, settings.kind,
+                                   settings.pixel_size)
     except Exception as e:  # keep going: one bad file must not stop the others
         return FieldResult(name, False, failure_message(item, e))
     note = f"{item.path}: {clipped} pixel(s) outside 0..65535 clipped for uint16" if clipped else ""

@@ -57,8 +57,15 @@ from islkeras.inference.tiling import DEFAULT_BATCH, DEFAULT_OVERLAP, DEFAULT_TI
               help="Predict the fields on N local Dask worker processes (0: in this process). Extra [dask].")
 @click.option("--dask-timeout", default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the --dask scheduler to answer.")
+@click.option("--pixel-size", "pixel_size", default=None, type=float, metavar="UM",
+              help="Pixel size of the fields (micrometres): each field is resampled to the model's pixel size, "
+                   "predicted, and the prediction resampled back (output shape = input shape).")
+@click.option("--diameter", default=None, metavar="PX|auto",
+              help="Nucleus diameter in the fields (pixels), or 'auto' to estimate it from a first prediction; "
+                   "the fields are rescaled so nuclei match the training nuclei.")
 def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel_files, planes, projection,
-                    file_channels, times, tta, output_format, dask, workers, dask_timeout):
+                    file_channels, times, tta, output_format, dask, workers, dask_timeout, pixel_size=None,
+                    diameter=None):
     """Predict fluorescence for whole fields with a trained model, microscope files in -> TIFF out.
 
     MODEL is a run folder (runs/<name>/<stamp>) or a SavedModel folder. Each INPUT is an image file (TIFF,
@@ -138,6 +145,11 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
         from islkeras.models.savedmodel import ExportedModel
 
         em = ExportedModel(model)
+    from islkeras.inference.rescale import check_options, parse_diameter
+
+    check_options(em.meta, pixel_size, diameter)  # before anything is predicted or written
+    if output_format == "ome-zarr" and (pixel_size is not None or diameter is not None):
+        raise UserError("--pixel-size/--diameter need the TIFF output (--output-format tiff)")
     specs = input_specs(em, channel_files, planes, projection, file_channels, times)
     items = find_inputs(inputs, specs)
     if not items:
@@ -146,7 +158,8 @@ def predict_command(model, inputs, out_dir, tile, overlap, batch, dtype, channel
     out = Path(out_dir)
     settings = FieldSettings(out=out, specs=specs, labels=tuple(output_names(em.meta)), dtype=dtype,
                              kind=em.meta.get("kind", "isl"), tile=tile, overlap=overlap, batch=batch, tta=tta,
-                             output_format=output_format)
+                             output_format=output_format, pixel_size=pixel_size,
+                             diameter=parse_diameter(diameter))
     failed: set[int] = set()  # id() of the failed items (reported as they finish, summed up in input order)
 
     def report(item: InputItem, res: FieldResult) -> None:
