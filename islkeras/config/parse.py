@@ -129,7 +129,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-
 def parse_set_option(items: typing.Iterable[str]) -> dict:
     """Parse CLI ``--set key.path=JSON`` items (a value that is not JSON is taken as a string)."""
     out = {}

@@ -56,13 +56,16 @@ def validate(cfg) -> None:
             f"({', '.join(f'{q:g}' for q in STAT_PERCENTILES)}), got {p.percentiles}"
         )
     a = p.augmentation()
-    for name in ("zoom", "brightness", "contrast", "gamma", "blur", "noise"):
+    # transform -> (bound of its range's low end, whether low may equal it); brightness is unbounded
+    lows = {"zoom": (0.2, False), "contrast": (0.0, False), "gamma": (0.0, False), "blur": (0.0, True),
+            "noise": (0.0, True), "brightness": (None, True)}
+    for name, (bound, inclusive) in lows.items():
         t = getattr(a, name)
-        lo_ok = {"zoom": 0.2, "contrast": 0.0, "gamma": 0.0, "blur": 0.0, "noise": 0.0}.get(name)
-        if not 0.0 <= t.p <= 1.0 or len(t.range) != 2 or t.range[0] > t.range[1] or (
-                lo_ok is not None and t.range[0] <= lo_ok and not (name in ("blur", "noise") and t.range[0] == 0)):
-            raise ConfigError(f"{src}: pipeline.augment.{name}: p must be in [0, 1] and range [low, high] with low <= high"
-                              f"{f' and low > {lo_ok:g}' if lo_ok else ''} (got p {t.p:g}, range {t.range})")
+        low_ok = bound is None or (len(t.range) == 2 and (t.range[0] >= bound if inclusive else t.range[0] > bound))
+        if not 0.0 <= t.p <= 1.0 or len(t.range) != 2 or t.range[0] > t.range[1] or not low_ok:
+            need = "" if bound is None else f" and low {'>=' if inclusive else '>'} {bound:g}"
+            raise ConfigError(f"{src}: pipeline.augment.{name}: p must be in [0, 1] and range [low, high] with low <= "
+                              f"high{need} (got p {t.p:g}, range {t.range})")
     if a.zoom.p > 0 and a.zoom.range[1] > 5:
         raise ConfigError(f"{src}: pipeline.augment.zoom.range {a.zoom.range}: a factor above 5 is not a zoom")
     if not 0.0 <= a.noise.poisson <= 1.0:
@@ -106,5 +109,3 @@ def resolve_paths(cfg) -> None:
                                (cfg.transfer, "isl_run", (None,)), (cfg.transfer, "pretrain", (None,))):
         if section is not None and getattr(section, key) not in keep:
             setattr(section, key, expand_path(getattr(section, key), b))
-
-

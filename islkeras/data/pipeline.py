@@ -295,9 +295,12 @@ def make_dataset(cfg, split: str, training: bool, manifest: Optional[dict] = Non
             sym = tf.random.stateless_uniform([k_crops], base + [0, 2 << 40], 0, 8, dtype=tf.int32)
             keys = _aug.crop_keys(tf, base, k_crops)
 
+            # zoom: per crop a window of crop_size / factor (the same for every channel), resampled to crop_size
+            wins = [_aug.zoom_window(tf, keys[j], aug.zoom, cs, shape[0], shape[1]) for j in range(k_crops)] \
+                if zoom else None
+
             def cut(a, c, nearest=False):
-                if zoom:  # a window of crop_size / factor, resampled to crop_size
-                    wins = [_aug.zoom_window(tf, keys[j], aug.zoom, cs, shape[0], shape[1]) for j in range(k_crops)]
+                if zoom:
                     return tf.stack([_aug.resample_window(tf, a, *w, cs, nearest) for w in wins])
                 if uncached:  # still bytes: only the crops' rows are decoded
                     return _streams.cut_rows(tf, a, chans[c]["dtype"], chans[c]["planes"], shape[1], y0, x0, cs)

@@ -26,14 +26,14 @@ __all__ = ["FACTOR_RANGE", "check_pixel_size", "parse_diameter", "check_options"
 FACTOR_RANGE = (0.2, 5.0)
 
 
-def check_pixel_size(um, what: str = "--pixel-size") -> float:
-    """``um`` as a float > 0 (UserError naming the value otherwise)."""
+def check_pixel_size(um, what: str = "--pixel-size", expected: str = "a pixel size in micrometres") -> float:
+    """``um`` as a finite float > 0 (UserError naming the option, the value and what was expected otherwise)."""
     try:
         v = float(um)
     except (TypeError, ValueError):
-        raise UserError(f"{what} {um!r}: expected a pixel size in micrometres > 0") from None
+        v = math.nan
     if not math.isfinite(v) or v <= 0:
-        raise UserError(f"{what} {um!r}: expected a pixel size in micrometres > 0")
+        raise UserError(f"{what} {um!r}: expected {expected} > 0")
     return v
 
 
@@ -43,7 +43,7 @@ def parse_diameter(text) -> Union[str, float, None]:
         return None
     if str(text).strip().lower() == "auto":
         return "auto"
-    return check_pixel_size(text, "--diameter")  # same rule: a finite number > 0
+    return check_pixel_size(text, "--diameter", "a nucleus diameter in pixels")
 
 
 def check_factor(factor: float, why: str) -> float:
@@ -73,7 +73,7 @@ def check_options(meta: Mapping, pixel_size=None, diameter=None) -> Optional[flo
                             "before nucleus sizes were recorded)")
         if d == "auto":
             return None
-        model_d = check_pixel_size(meta["nuclei_diameter_px"], "model nuclei_diameter_px")
+        model_d = check_pixel_size(meta["nuclei_diameter_px"], "model nuclei_diameter_px", "a diameter in pixels")
         return check_factor(model_d / d, f"model nuclei diameter {model_d:g} px / --diameter {d:g} px")
     return None
 
